@@ -1,0 +1,1 @@
+"""Stage 3: the in-context (nearest-neighbour retrieval) benchmark."""

@@ -1,0 +1,1 @@
+"""Stage 1: pseudo-label generation (DiffCut segments, pseudo-classes, pairs)."""

@@ -1,0 +1,1 @@
+"""Stage 2: DIP post-training of an encoder on pseudo in-context tasks."""
