@@ -1,0 +1,397 @@
+"""Writer and reader of label sets, the contract between labeling and training.
+
+The layout, table schemas and map encoding are described in shared/labelset_format.py; these two
+modules are the only code that knows them. Work is written per (stage, shard) and committed by a
+done-marker written last; ``labelset.json``, written by :meth:`LabelSetWriter.finish`, marks the
+set complete, and :class:`LabelSet` refuses a set without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from shared import storage
+from shared.images import encode_png
+from shared.labelset_format import (
+    FORMAT_VERSION,
+    MAP_KINDS,
+    RESERVED_META,
+    SCHEMAS,
+    LabelSetError,
+    canonical,
+    check_name,
+    check_png16,
+    check_shard,
+    concat,
+    conform,
+    decode_map,
+    diff,
+    maps_path,
+    maps_table,
+    marker_path,
+    read_maps_png,
+    shard_name,
+    table_path,
+    to_uint16,
+)
+
+__all__ = ["FORMAT_VERSION", "MAP_KINDS", "SCHEMAS", "LabelSet", "LabelSetError", "LabelSetWriter",
+           "ShardWriter"]
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class ShardWriter:
+    """Files of one (stage, shard); made by :meth:`LabelSetWriter.shard`, committed on exit."""
+
+    def __init__(self, parent: LabelSetWriter, stage: str, shard: int):
+        self._parent, self.stage, self.shard = parent, stage, shard
+        self.files: list[str] = []
+        self._where = f"{parent.uri} stage {stage!r} shard {shard}"
+
+    def _claim(self, rel: str) -> str:
+        if rel in self.files:
+            raise LabelSetError(f"{self._where}: {rel} was already written in this shard")
+        self.files.append(rel)
+        return storage.join(self._parent.uri, rel)
+
+    def write_table(self, name: str, table: pa.Table) -> None:
+        """Write this shard's part of table ``name`` (images, segments, globals, classes, ...)."""
+        check_name("table", name)
+        if name == "images":
+            table = self._with_shard_column(table)
+        table = conform(name, table, self._where)
+        storage.write_parquet(self._claim(table_path(name, self.shard)), table)
+
+    def write_maps(self, kind: str, maps: dict[str, np.ndarray]) -> None:
+        """Write per-image (H, W) maps with values in 0..65535 as 16-bit PNGs in one object."""
+        pngs = {i: encode_png(to_uint16(i, m, self._where)) for i, m in maps.items()}
+        self.write_maps_png(kind, pngs)
+
+    def write_maps_png(self, kind: str, maps_png: dict[str, bytes]) -> None:
+        """Like :meth:`write_maps` with maps already encoded as 16-bit greyscale PNG bytes."""
+        if kind not in MAP_KINDS:
+            raise LabelSetError(f"{self._where}: unknown map kind {kind!r}; known: {MAP_KINDS}")
+        pngs = {str(i): check_png16(str(i), p, self._where) for i, p in maps_png.items()}
+        storage.write_parquet(self._claim(maps_path(kind, self.shard)), maps_table(pngs))
+
+    def _with_shard_column(self, table: pa.Table) -> pa.Table:
+        if "shard" not in table.column_names:
+            column = pa.array([self.shard] * table.num_rows, pa.int32())
+            return table.append_column("shard", column)
+        if any(s != self.shard for s in table.column("shard").to_pylist()):
+            raise LabelSetError(f"{self._where}: images table has rows with another shard index")
+        return table
+
+    def _commit(self) -> None:
+        marker = {"format_version": FORMAT_VERSION, "stage": self.stage, "shard": self.shard,
+                  "files": sorted(self.files)}
+        storage.write_json(storage.join(self._parent.uri, marker_path(self.stage, self.shard)),
+                           marker)
+
+    def _discard(self) -> None:
+        # The marker first: its put may have landed even though the call raised. A file that
+        # cannot be removed now is harmless: without a marker nothing reads it, and a retry of
+        # the shard overwrites it. The caller sees the original exception.
+        for rel in [marker_path(self.stage, self.shard), *self.files]:
+            with contextlib.suppress(Exception):
+                storage.remove(storage.join(self._parent.uri, rel))
+
+
+class LabelSetWriter:
+    """Writes a label set shard by shard; resumable; refuses a set made by another config."""
+
+    def __init__(self, uri: str, fingerprint: dict):
+        self.uri = str(uri).rstrip("/")
+        self.fingerprint = canonical(fingerprint, self.uri)
+        progress = self._path("_progress.json")
+        if not storage.exists(progress):
+            storage.write_json(progress, {"format_version": FORMAT_VERSION,
+                                          "fingerprint": self.fingerprint})
+        stored = storage.read_json(progress).get("fingerprint")
+        if stored != self.fingerprint:
+            raise LabelSetError(
+                f"{self.uri} holds a label set of another config (fingerprint differs at "
+                f"{diff(stored, self.fingerprint)[:10]}); write to a new location or remove it")
+
+    def _path(self, rel: str) -> str:
+        return storage.join(self.uri, rel)
+
+    def is_done(self, stage: str, shard: int) -> bool:
+        """Whether ``stage`` has committed ``shard``."""
+        marker = marker_path(check_name("stage", stage), check_shard(shard))
+        return storage.exists(self._path(marker))
+
+    def done_shards(self, stage: str) -> list[int]:
+        """Sorted indices of the shards ``stage`` has committed."""
+        found = storage.glob(self._path(f"done/{check_name('stage', stage)}/shard-*.json"))
+        return sorted(int(u.rsplit("shard-", 1)[1].split(".")[0]) for u in found)
+
+    @contextlib.contextmanager
+    def shard(self, stage: str, shard: int) -> Iterator[ShardWriter]:
+        """Write one shard of ``stage``: all its files count on success, none on exception."""
+        check_name("stage", stage)
+        shard = check_shard(shard)
+        if self.is_done(stage, shard):
+            raise LabelSetError(f"{self.uri}: stage {stage!r} shard {shard} is already done "
+                                "(check is_done before writing)")
+        writer = ShardWriter(self, stage, shard)
+        try:
+            yield writer
+            writer._commit()
+        except BaseException:
+            writer._discard()
+            raise
+
+    def write_table(self, name: str, table: pa.Table) -> None:
+        """Write a global (unsharded) table such as ``centroids`` or ``pairs``, atomically."""
+        table = conform(check_name("table", name), table, f"{self.uri} global table")
+        storage.write_parquet(self._path(table_path(name)), table)
+
+    def has_table(self, name: str) -> bool:
+        """Whether the global table ``name`` has been written."""
+        return storage.exists(self._path(table_path(check_name("table", name))))
+
+    def _markers(self) -> list[dict]:
+        uris = storage.glob(self._path("done/*/shard-*.json"))
+        return [json.loads(b) for b in storage.read_many(uris)]
+
+    def _committed(self, rel: str, shard: int) -> bool:
+        found = storage.glob(self._path(f"done/*/{shard_name(shard)}.json"))
+        return any(rel in json.loads(b)["files"] for b in storage.read_many(found))
+
+    def read_table(self, name: str) -> pa.Table:
+        """A global table, or a sharded one concatenated over its committed shards in order."""
+        if self.has_table(name):
+            return storage.read_parquet(self._path(table_path(name)))
+        shards = sorted(m["shard"] for m in self._markers()
+                        if table_path(name, m["shard"]) in m["files"])
+        uris = [self._path(table_path(name, s)) for s in shards]
+        return concat(name, [storage.read_parquet(u) for u in uris], self.uri)
+
+    read_stage_table = read_table
+
+    def read_shard_table(self, name: str, shard: int) -> pa.Table:
+        """Table ``name`` of one committed shard."""
+        rel = table_path(check_name("table", name), check_shard(shard))
+        if not self._committed(rel, shard):
+            raise LabelSetError(
+                f"{self.uri}: no finished stage wrote table {name!r} of shard {shard}")
+        return storage.read_parquet(self._path(rel))
+
+    def read_maps_png(self, kind: str, shard: int) -> dict[str, bytes]:
+        """PNG bytes by image id of a committed shard's ``kind`` maps."""
+        rel = maps_path(check_name("map kind", kind), check_shard(shard))
+        if not self._committed(rel, shard):
+            raise LabelSetError(f"{self.uri}: no finished stage wrote {kind} maps of shard {shard}")
+        return read_maps_png(self._path(rel))
+
+    def read_maps(self, kind: str, shard: int) -> dict[str, np.ndarray]:
+        """Decoded uint16 maps by image id of a committed shard."""
+        return {i: decode_map(p, f"{self.uri} {kind} map {i}")
+                for i, p in self.read_maps_png(kind, shard).items()}
+
+    def finish(self, meta: dict) -> dict:
+        """Write ``labelset.json`` (meta + format version + contents), marking the set complete."""
+        clash = [k for k in RESERVED_META if k in meta]
+        if clash:
+            raise LabelSetError(f"{self.uri}: meta keys {clash} are reserved for the label set")
+        contents: dict[str, Any] = {"stages": {}, "tables": {}, "maps": {}}
+        owner: dict[str, str] = {}
+        for m in sorted(self._markers(), key=lambda m: (m["stage"], m["shard"])):
+            contents["stages"].setdefault(m["stage"], []).append(m["shard"])
+            for rel in m["files"]:
+                if rel in owner:
+                    raise LabelSetError(f"{self.uri}: {rel} was written by stages {owner[rel]!r} "
+                                        f"and {m['stage']!r}")
+                owner[rel] = m["stage"]
+                group, name = rel.split("/")[:2]
+                contents[group].setdefault(name, []).append(m["shard"])
+        if "images" not in contents["tables"]:
+            raise LabelSetError(f"{self.uri}: cannot finish, no shard wrote the images table")
+        for group in ("tables", "maps"):
+            contents[group] = {k: sorted(v) for k, v in sorted(contents[group].items())}
+        globals_ = storage.glob(self._path("tables/*.parquet"))
+        contents["global_tables"] = sorted(u.rsplit("/", 1)[1].removesuffix(".parquet")
+                                           for u in globals_)
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        doc = {"created": created, "package_version": _package_version(),
+               **meta, "format_version": FORMAT_VERSION,
+               "fingerprint": self.fingerprint, "contents": contents}
+        try:
+            storage.write_json(self._path("labelset.json"), doc)
+        except ValueError as exc:
+            raise LabelSetError(f"{self.uri}: meta is not JSON serialisable: {exc}") from exc
+        return doc
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dip")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- reader
+
+
+class LabelSet:
+    """Read access to a complete label set: tables, per-image maps, pairs, centroids."""
+
+    def __init__(self, uri: str, cache_shards: int = 4):
+        self.uri = str(uri).rstrip("/")
+        self._cache_shards = cache_shards
+        meta_uri = storage.join(self.uri, "labelset.json")
+        try:
+            self.meta: dict = storage.read_json(meta_uri)
+        except FileNotFoundError:
+            raise LabelSetError(
+                f"{self.uri} is not a complete label set: {meta_uri} is missing (labeling has not "
+                "finished there, or the URI does not point at a label set)") from None
+        if self.meta.get("format_version") != FORMAT_VERSION or "contents" not in self.meta:
+            raise LabelSetError(f"{meta_uri}: unsupported label set format version "
+                                f"{self.meta.get('format_version')!r} (expected {FORMAT_VERSION})")
+        self._contents = self.meta["contents"]
+        self._reset()
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._maps_lru: OrderedDict[tuple[str, int], dict[str, bytes]] = OrderedDict()
+        self._images: pa.Table | None = None
+        self._index: dict[str, tuple[int, str, str | None]] | None = None
+        self._classes: dict[str, list[tuple[int, float]]] | None = None
+
+    def __getstate__(self) -> dict:  # picklable for data-loader workers: caches are rebuilt
+        return {"uri": self.uri, "_cache_shards": self._cache_shards, "meta": self.meta,
+                "_contents": self._contents}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    @property
+    def num_classes(self) -> int:
+        """K, the number of pseudo-classes."""
+        for key in ("num_classes", "K"):
+            if key in self.meta:
+                return int(self.meta[key])
+        return int(self.centroids().shape[0])
+
+    def table(self, name: str) -> pa.Table:
+        """Table ``name``: global, or concatenated over shards in shard order."""
+        if name in self._contents["global_tables"]:
+            return storage.read_parquet(storage.join(self.uri, table_path(name)))
+        if name not in self._contents["tables"]:
+            known = sorted([*self._contents["tables"], *self._contents["global_tables"]])
+            raise LabelSetError(f"label set {self.uri} has no table {name!r}; it has {known}")
+        shards = self._contents["tables"][name]
+        uris = [storage.join(self.uri, table_path(name, s)) for s in shards]
+        return concat(name, [storage.read_parquet(u) for u in uris], self.uri)
+
+    def images(self) -> pa.Table:
+        """image_id, uri, width, height, status, error, shard (every listed image)."""
+        if self._images is None:
+            self._images = self.table("images")
+        return self._images
+
+    def _image_index(self) -> dict[str, tuple[int, str, str | None]]:
+        if self._index is None:
+            t = self.images()
+            self._index = {i: (s, st, e) for i, s, st, e in zip(
+                t.column("image_id").to_pylist(), t.column("shard").to_pylist(),
+                t.column("status").to_pylist(), t.column("error").to_pylist(), strict=True)}
+        return self._index
+
+    @property
+    def image_ids(self) -> list[str]:
+        """Ids of the images labelled successfully (status "ok"), in shard order."""
+        return [i for i, (_, status, _) in self._image_index().items() if status == "ok"]
+
+    def shards(self) -> list[int]:
+        """Indices of the shards."""
+        return list(self._contents["tables"]["images"])
+
+    def shard_image_ids(self, shard: int) -> list[str]:
+        """Ids of the successfully labelled images of ``shard``."""
+        return [i for i, (s, status, _) in self._image_index().items()
+                if s == shard and status == "ok"]
+
+    def _shard_maps(self, kind: str, shard: int) -> dict[str, bytes]:
+        key = (kind, shard)
+        with self._lock:
+            if key in self._maps_lru:
+                self._maps_lru.move_to_end(key)
+                return self._maps_lru[key]
+        if shard not in self._contents["maps"].get(kind, []):
+            raise LabelSetError(f"label set {self.uri} has no {kind} maps for shard {shard}")
+        maps = read_maps_png(storage.join(self.uri, maps_path(kind, shard)))
+        with self._lock:
+            self._maps_lru[key] = maps
+            while len(self._maps_lru) > self._cache_shards:
+                self._maps_lru.popitem(last=False)
+        return maps
+
+    def map(self, kind: str, image_id: str) -> np.ndarray:
+        """The ``kind`` map ("segments" | "labels") of one image: uint16 (H, W)."""
+        entry = self._image_index().get(image_id)
+        if entry is None:
+            raise LabelSetError(f"image {image_id!r} is not in label set {self.uri}")
+        shard, status, error = entry
+        if status != "ok":
+            raise LabelSetError(f"image {image_id!r} of label set {self.uri} failed during "
+                                f"labeling ({error}); it has no maps")
+        maps = self._shard_maps(kind, shard)
+        if image_id not in maps:
+            raise LabelSetError(
+                f"label set {self.uri}: {kind} maps of shard {shard} lack {image_id!r}")
+        return decode_map(maps[image_id], f"{self.uri} {kind} map {image_id}")
+
+    def segment_map(self, image_id: str) -> np.ndarray:
+        """Class-agnostic segment ids per pixel, uint16 (H, W) at the image's own size."""
+        return self.map("segments", image_id)
+
+    def label_map(self, image_id: str) -> np.ndarray:
+        """Pseudo-class id per pixel, uint16 (H, W) at the image's own size."""
+        return self.map("labels", image_id)
+
+    def shard_maps(self, kind: str, shard: int) -> dict[str, np.ndarray]:
+        """All ``kind`` maps of one shard, by image id (one object read)."""
+        return {i: decode_map(p, f"{self.uri} {kind} map {i}")
+                for i, p in self._shard_maps(kind, shard).items()}
+
+    def classes(self, image_id: str) -> list[tuple[int, float]]:
+        """(class_id, area fraction) of the pseudo-classes present in one image."""
+        if self._classes is None:
+            t = self.table("classes")
+            index: dict[str, list[tuple[int, float]]] = {}
+            for i, c, a in zip(t.column("image_id").to_pylist(), t.column("class_id").to_pylist(),
+                               t.column("area").to_pylist(), strict=True):
+                index.setdefault(i, []).append((c, a))
+            self._classes = index
+        if image_id not in self._image_index():
+            raise LabelSetError(f"image {image_id!r} is not in label set {self.uri}")
+        return list(self._classes.get(image_id, []))
+
+    def pairs(self) -> pa.Table:
+        """query_id, positive_id, class_id, query_area, positive_area."""
+        return self.table("pairs")
+
+    def centroids(self) -> np.ndarray:
+        """Pseudo-class centroids, float32 (K, D), row k = class k."""
+        t = self.table("centroids").sort_by("class_id")
+        ids = t.column("class_id").to_pylist()
+        if ids != list(range(len(ids))):
+            raise LabelSetError(f"label set {self.uri}: centroid class ids are not 0..K-1")
+        return np.asarray(t.column("feature").to_pylist(), dtype=np.float32).reshape(len(ids), -1)
