@@ -1,0 +1,44 @@
+"""Pseudo-label quality against ground truth: unsupervised mIoU after matching classes."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+
+def confusion(truth: np.ndarray, pred: np.ndarray, num_true: int, num_pred: int,
+              ignore_index: int = 255) -> np.ndarray:
+    """(num_true, num_pred) pixel counts of true class i labelled as pseudo-class j."""
+    keep = truth.reshape(-1) != ignore_index
+    t = truth.reshape(-1)[keep].astype(np.int64)
+    p = pred.reshape(-1)[keep].astype(np.int64)
+    return np.bincount(t * num_pred + p, minlength=num_true * num_pred).reshape(num_true, num_pred)
+
+
+def _miou_from_mapping(conf: np.ndarray, mapping: np.ndarray) -> float:
+    """mIoU over true classes when pseudo-class j is read as true class mapping[j] (-1: none)."""
+    num_true = conf.shape[0]
+    mapped = np.zeros((num_true, num_true + 1), dtype=np.int64)  # last column: unmatched
+    target = np.where(mapping >= 0, mapping, num_true)
+    for j in range(conf.shape[1]):
+        mapped[:, target[j]] += conf[:, j]
+    tp = np.diag(mapped[:, :num_true]).astype(np.float64)
+    fp = mapped[:, :num_true].sum(0) - tp
+    fn = mapped.sum(1) - tp
+    denom = tp + fp + fn
+    iou = np.where(denom > 0, tp / np.maximum(denom, 1), np.nan)
+    return float(np.nanmean(iou))
+
+
+def hungarian_miou(conf: np.ndarray) -> float:
+    """Unsupervised mIoU: one-to-one matching of pseudo-classes to true classes maximising overlap."""
+    rows, cols = linear_sum_assignment(-conf)
+    mapping = np.full(conf.shape[1], -1, dtype=np.int64)
+    mapping[cols] = rows
+    return _miou_from_mapping(conf, mapping)
+
+
+def majority_miou(conf: np.ndarray) -> float:
+    """Many-to-one mIoU: each pseudo-class is read as the true class it overlaps most."""
+    mapping = np.where(conf.sum(0) > 0, conf.argmax(0), -1)
+    return _miou_from_mapping(conf, mapping)
