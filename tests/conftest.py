@@ -105,3 +105,57 @@ def ray_local(s3_endpoint):
         yield ray
     finally:
         ray.shutdown()
+
+
+def build_synthetic_labelset(root: str, num_images: int = 8, size=(64, 48), seed: int = 100,
+                             prefix: str = "img", pairing: str = "next", extra_pairs=()) -> str:
+    """A complete label set of synthetic scenes whose ground-truth masks are the pseudo-labels.
+
+    pairing "next": image i is paired with image i+1 (cyclic); "shared": with the next image that
+    shares an object class. ``extra_pairs`` are appended as they are (e.g. naming a missing image).
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    from shared import storage
+    from shared.images import encode_jpeg
+    from shared.labelset import LabelSetWriter
+    from shared.synthetic import CLASS_NAMES, make_scene
+
+    ids, uris, masks = [], [], {}
+    for i in range(num_images):
+        image, mask = make_scene(seed + i, size)
+        ids.append(f"{prefix}{i:03d}")
+        uris.append(storage.join(root, "source", f"{ids[-1]}.jpg"))
+        storage.write_bytes(uris[-1], encode_jpeg(image))
+        masks[ids[-1]] = mask.astype(np.uint16)
+    if pairing == "next":
+        pairs = list(zip(ids, ids[1:] + ids[:1], strict=True))
+    elif pairing == "shared":
+        objects = {i: set(np.unique(m).tolist()) - {0} for i, m in masks.items()}
+        pairs = []
+        for k, query in enumerate(ids):
+            later = ids[k + 1:] + ids[:k]
+            pairs.append((query, next((p for p in later if objects[p] & objects[query]), later[0])))
+    else:
+        raise ValueError(f"unknown pairing {pairing!r}")
+    pairs += list(extra_pairs)
+    uri = storage.join(root, "labelset")
+    writer = LabelSetWriter(uri, {"test": "synthetic", "seed": seed, "pairing": pairing})
+    n, m = len(ids), len(pairs)
+    with writer.shard("label", 0) as shard:
+        shard.write_table("images", pa.table({
+            "image_id": ids, "uri": uris, "width": [size[1]] * n, "height": [size[0]] * n,
+            "status": ["ok"] * n, "error": pa.array([None] * n, pa.string())}))
+        shard.write_maps("labels", masks)
+    writer.write_table("pairs", pa.table({
+        "query_id": [q for q, _ in pairs], "positive_id": [p for _, p in pairs],
+        "class_id": [1] * m, "query_area": [0.1] * m, "positive_area": [0.1] * m}))
+    writer.finish({"K": len(CLASS_NAMES)})
+    return uri
+
+
+@pytest.fixture(scope="session")
+def synthetic_labelset():
+    """The builder of small hand-made label sets (see ``build_synthetic_labelset``)."""
+    return build_synthetic_labelset

@@ -1,0 +1,115 @@
+"""The in-context objective of DIP: patch label histograms, soft nearest-neighbour label transfer
+from a support set, and the per-pixel loss. Pure tensor functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSS_KINDS = ("released", "nll")
+
+
+def _check_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
+    if patch_size <= 0:
+        raise ValueError(f"patch_size must be positive, got {patch_size}")
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"label map {height}x{width} is not a whole number of {patch_size}x{patch_size} patches"
+        )
+    return height // patch_size, width // patch_size
+
+
+def patchify_labels(
+    labels: torch.Tensor,
+    num_classes: int,
+    patch_size: int,
+    ignore_index: int | None = None,
+) -> torch.Tensor:
+    """Patch label histogram y_j = (1/p^2) sum_{pixels in patch j} onehot(label) (ignored pixels add 0).
+
+    labels: LongTensor[B,H,W] -> FloatTensor[B, (H/p)*(W/p), num_classes], patches in row-major order.
+    """
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be (B,H,W), got shape {tuple(labels.shape)}")
+    b, height, width = labels.shape
+    h, w = _check_grid(height, width, patch_size)
+    labels = labels.long()
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    if ignore_index is not None:
+        valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= num_classes))
+    if bad.any():
+        value = int(labels[bad][0])
+        raise ValueError(f"label {value} outside [0, {num_classes}) and not the ignore index {ignore_index}")
+    rows = torch.arange(height, device=labels.device) // patch_size  # (H,)
+    cols = torch.arange(width, device=labels.device) // patch_size  # (W,)
+    patch = (rows[:, None] * w + cols[None, :]).expand(b, height, width)  # (B,H,W) patch index
+    flat = (patch * num_classes + labels.clamp(0, num_classes - 1)).reshape(b, -1)  # (B,H*W)
+    counts = torch.zeros(b, h * w * num_classes, device=labels.device, dtype=torch.float32)
+    counts.scatter_add_(1, flat, valid.reshape(b, -1).float())
+    return counts.view(b, h * w, num_classes) / float(patch_size * patch_size)
+
+
+def soft_nn_predict(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Soft nearest-neighbour transfer (Eq. 1-2): y_i = sum_j softmax_j(cos(q_i, k_j) / T) v_j."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if keys.shape[:2] != values.shape[:2]:
+        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} disagree on (B,Ns)")
+    q = F.normalize(query, dim=-1)  # (B,Nq,D)
+    k = F.normalize(keys, dim=-1)  # (B,Ns,D)
+    sim = q @ k.transpose(1, 2)  # (B,Nq,D) x (B,D,Ns) -> (B,Nq,Ns)
+    dtype = torch.promote_types(sim.dtype, torch.float32)  # the softmax of sim/T needs fp32 range
+    attn = torch.softmax(sim.to(dtype) / temperature, dim=-1)  # (B,Nq,Ns)
+    return attn @ values.to(dtype)  # (B,Nq,Ns) x (B,Ns,C) -> (B,Nq,C)
+
+
+def _pixel_patch_index(height: int, width: int, patch_size: int, device) -> torch.Tensor:
+    """Index of the patch each pixel takes its value from under nearest upsampling by p."""
+    _, w = _check_grid(height, width, patch_size)
+    rows = torch.arange(height, device=device) // patch_size
+    cols = torch.arange(width, device=device) // patch_size
+    return (rows[:, None] * w + cols[None, :]).reshape(-1)  # (H*W,)
+
+
+def incontext_loss(
+    pred: torch.Tensor,
+    labels: torch.Tensor,
+    patch_size: int,
+    kind: str = "released",
+    ignore_index: int | None = None,
+) -> torch.Tensor:
+    """Per-pixel loss of the patch prediction, nearest-upsampled by p to the label map.
+
+    "released": CE(upsample(pred), labels) with pred taken as logits, L = mean(logsumexp(pred) - pred[y]).
+    "nll":      L = mean(-log(upsample(pred)[y] + 1e-8)), the paper's wording.
+    Pixels equal to ``ignore_index`` are left out of the mean.
+    """
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"unknown loss kind {kind!r}; expected one of {LOSS_KINDS}")
+    if pred.ndim != 3 or labels.ndim != 3 or pred.shape[0] != labels.shape[0]:
+        raise ValueError(f"pred (B,Nq,C) {tuple(pred.shape)} and labels (B,H,W) {tuple(labels.shape)} disagree")
+    b, nq, num_classes = pred.shape
+    height, width = labels.shape[1:]
+    h, w = _check_grid(height, width, patch_size)
+    if nq != h * w:
+        raise ValueError(f"pred has {nq} patches but a {height}x{width} label map has {h}x{w}")
+    labels = labels.long().reshape(b, -1)  # (B,H*W)
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    if ignore_index is not None:
+        valid = labels != ignore_index
+    if ((labels[valid] < 0) | (labels[valid] >= num_classes)).any():
+        raise ValueError(f"labels outside [0, {num_classes}) that are not the ignore index {ignore_index}")
+    pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
+    # (score of each patch per class), gathered per pixel instead of materialising (B,C,H,W)
+    scores = pred.log_softmax(dim=-1) if kind == "released" else torch.log(pred + 1e-8)  # (B,Nq,C)
+    patch = _pixel_patch_index(height, width, patch_size, pred.device).expand(b, -1)  # (B,H*W)
+    flat = patch * num_classes + labels.clamp(0, num_classes - 1)  # (B,H*W)
+    picked = scores.reshape(b, -1).gather(1, flat)  # (B,H*W) score of the pixel's label
+    return -(picked * valid).sum() / valid.sum()

@@ -1,0 +1,304 @@
+"""The DIP training loop: optimizer and schedule, gradient accumulation, checkpoints with exact
+resume, metrics, and the final export of the encoder. No Ray here: a distributed caller
+initialises torch.distributed and passes a :class:`Runtime`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from shared import storage
+from shared.backbones import save_backbone
+from shared.config import save_config
+from training.config import TrainConfig
+from training.episodes import (
+    PairEpisodes,
+    TaskBatches,
+    check_task_batch,
+    collate,
+    derive_seed,
+    sample_support,
+    steps_per_epoch,
+    support_generator,
+)
+from training.model import DIPModel, build_model, task_loss
+
+# checkpoint keys that must agree with the config of a run resuming from it
+IDENTITY_KEYS = ("backbone", "tiny", "trainable_blocks", "head_hidden_mult", "head_dim", "seed",
+                 "batch_size", "epochs", "base_lr", "weight_decay", "resize", "crop")
+
+
+@dataclass
+class Runtime:
+    """Where this process sits in a (possibly distributed) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    report: Callable[[dict], None] | None = None  # called on every rank at each checkpoint
+
+
+@dataclass
+class TrainResult:
+    step: int
+    total_steps: int
+    last_loss: float
+    encoder_uri: str | None
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters; biases and 1-D parameters (norm scales) get no weight decay."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def cosine_factor(step: int, total_steps: int) -> float:
+    """lr(t) / lr_max = (1 + cos(pi t / T)) / 2, no warmup; reaches 0 at t = T."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
+    """AdamW with the released betas and decay, and a per-iteration cosine schedule."""
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_factor(step, total_steps)
+    )
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints and metrics
+
+
+def checkpoint_dir(out: str) -> str:
+    return storage.join(out, "checkpoints")
+
+
+def latest_checkpoint(out: str) -> str | None:
+    """URI of the newest complete checkpoint under ``out`` (writes are atomic), or None."""
+    found = [u for u in storage.ls(checkpoint_dir(out)) if u.rsplit("/", 1)[-1].startswith("step_")]
+    return found[-1] if found else None  # zero-padded step numbers sort in order
+
+
+def save_checkpoint(out: str, state: dict, keep: int) -> str:
+    """torch.save ``state`` atomically to out/checkpoints/step_XXXXXXXX.pt; keep the newest ``keep``."""
+    uri = storage.join(checkpoint_dir(out), f"step_{state['step']:08d}.pt")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    storage.write_bytes(uri, buffer.getvalue())
+    old = [u for u in storage.ls(checkpoint_dir(out)) if u.rsplit("/", 1)[-1].startswith("step_")]
+    for stale in old[:-keep]:
+        storage.remove(stale)
+    return uri
+
+
+def load_checkpoint(uri: str) -> dict:
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+
+
+def check_identity(cfg: TrainConfig, state: dict, uri: str, num_pairs: int) -> None:
+    """A checkpoint only resumes the run that wrote it: same model, data and schedule."""
+    now = {k: getattr(cfg, k) for k in IDENTITY_KEYS} | {"num_pairs": num_pairs}
+    saved = state["identity"]
+    diff = [f"{k}: checkpoint {saved.get(k)!r} != now {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if diff:
+        raise ValueError(
+            f"cannot resume from {uri}: the run differs ({'; '.join(diff)}); use a new --out"
+        )
+
+
+def write_metrics(out: str, rows: list[dict], csv: bool) -> None:
+    table = pa.Table.from_pylist(rows) if rows else pa.table({"step": pa.array([], pa.int64())})
+    storage.write_parquet(storage.join(out, "metrics.parquet"), table)
+    if csv and rows:
+        header = ",".join(rows[0])
+        lines = [",".join(str(r[k]) for k in rows[0]) for r in rows]
+        storage.write_text(storage.join(out, "metrics.csv"), "\n".join([header, *lines]) + "\n")
+
+
+def read_metrics(out: str, upto_step: int) -> list[dict]:
+    uri = storage.join(out, "metrics.parquet")
+    if not storage.exists(uri):
+        return []
+    return [r for r in storage.read_parquet(uri).to_pylist() if r.get("step", 0) <= upto_step]
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def _reduce_mean(value: torch.Tensor, rt: Runtime) -> float:
+    if rt.world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= rt.world_size
+    return float(value)
+
+
+def _barrier(rt: Runtime) -> None:
+    if rt.world_size > 1:
+        dist.barrier()
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if device.type == "cuda" and cfg.precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare(cfg: TrainConfig, rt: Runtime) -> tuple[PairEpisodes, int]:
+    """Every input check that can fail, before any model is built; returns (data, total steps)."""
+    if not cfg.labels or not cfg.out:
+        raise ValueError("training needs both a label set URI (labels) and an output URI (out)")
+    check_task_batch(cfg.micro_batch_size, cfg.num_distractors)
+    cfg.accumulation_steps(rt.world_size)
+    data = PairEpisodes(cfg.labels, cfg.resize, cfg.crop, cfg.cache_prepared, cfg.ignore_index)
+    return data, cfg.epochs * steps_per_epoch(len(data), cfg.batch_size)
+
+
+def train(
+    cfg: TrainConfig,
+    rt: Runtime | None = None,
+    on_step: Callable[[int, DIPModel], None] | None = None,
+) -> TrainResult:
+    """Train (or resume) the run described by ``cfg``; returns where it stopped.
+
+    ``on_step(step, model)`` is called after each optimizer step (and any checkpoint of it).
+    """
+    rt = rt or Runtime()
+    previous = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+    torch.use_deterministic_algorithms(cfg.deterministic or previous)
+    try:
+        return _train(cfg, rt, on_step)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
+    data, total_steps = prepare(cfg, rt)
+    accum = cfg.accumulation_steps(rt.world_size)
+    stop_step = min(total_steps, cfg.max_steps or total_steps)
+
+    torch.manual_seed(derive_seed(cfg.seed, 0))  # same encoder (if random) and head on every rank
+    model = build_model(cfg.backbone, cfg.weights, cfg.tiny, cfg.trainable_blocks,
+                        cfg.head_hidden_mult, cfg.head_dim, device=rt.device)
+    if cfg.crop % model.patch_size:
+        raise ValueError(f"crop {cfg.crop} is not a multiple of the patch size {model.patch_size}")
+    optimizer, scheduler = make_optimizer(model, cfg, total_steps)
+
+    start_step, rows = 0, []
+    resume_uri = latest_checkpoint(cfg.out)
+    if resume_uri is not None:
+        state = load_checkpoint(resume_uri)
+        check_identity(cfg, state, resume_uri, len(data))
+        model.load_trainable_state(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_step = int(state["step"])
+        rows = read_metrics(cfg.out, start_step)
+    if rt.rank == 0:
+        save_config(cfg, storage.join(cfg.out, "config.yaml"))
+
+    net = model
+    if rt.world_size > 1:
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    batches = TaskBatches(len(data), cfg.seed, cfg.batch_size, cfg.micro_batch_size,
+                          rt.world_size, rt.rank, stop_step, start_step)
+    loader = DataLoader(data, batch_sampler=batches, collate_fn=collate,
+                        num_workers=cfg.loader_workers, pin_memory=rt.device.type == "cuda")
+    steps = batches.steps
+    bar = tqdm(total=stop_step, initial=start_step, disable=rt.rank != 0, desc="train", unit="step")
+    last_loss, running = float("nan"), torch.zeros((), device=rt.device)
+    tick = time.perf_counter()
+    net.train()
+    for k, batch in enumerate(loader):
+        epoch, step, micro = batches.position(k)
+        support = sample_support(cfg.micro_batch_size, cfg.num_distractors,
+                                 support_generator(cfg.seed, epoch, step, micro, rt.rank))
+        batch = {key: value.to(rt.device, non_blocking=True) for key, value in batch.items()}
+        sync = micro == accum - 1
+        with (contextlib.nullcontext() if sync or net is model else net.no_sync()):
+            with _autocast(cfg, rt.device):
+                loss = task_loss(
+                    net, batch["query"].float() / 255, batch["query_labels"],
+                    batch["positive"].float() / 255, batch["positive_labels"],
+                    support.to(rt.device), data.num_classes, model.patch_size,
+                    cfg.temperature, cfg.loss, cfg.ignore_index,
+                )
+            (loss / accum).backward()
+        running += loss.detach() / accum
+        if not sync:
+            continue
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        last_loss = _reduce_mean(running, rt)
+        running.zero_()
+        now = time.perf_counter()
+        rows.append({"step": done, "epoch": epoch, "loss": last_loss, "lr": lr,
+                     "images_per_s": 2 * cfg.batch_size / max(now - tick, 1e-9)})
+        tick = now
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rows[-1]['images_per_s']:.1f}")
+        if done % cfg.checkpoint_every == 0 or done % steps == 0 or done == stop_step:
+            _checkpoint(cfg, rt, model, optimizer, scheduler, done, steps, len(data), rows)
+        if on_step is not None:
+            on_step(done, model)
+    bar.close()
+
+    encoder_uri = None
+    if rt.rank == 0:
+        encoder_uri = storage.join(cfg.out, "encoder.safetensors")
+        save_backbone(model.encoder, encoder_uri)  # the encoder alone, no head
+    _barrier(rt)
+    return TrainResult(stop_step, total_steps, last_loss, encoder_uri)
+
+
+def _checkpoint(cfg, rt, model, optimizer, scheduler, step, epoch_steps, num_pairs, rows):
+    """Rank 0 writes the checkpoint and the metrics so far; every rank reports and waits.
+
+    The data position is the step: the order of epoch e and the support sets are functions of
+    (seed, epoch, step), so nothing else about the sampler needs saving.
+    """
+    if rt.rank == 0:
+        state = {
+            "step": step,
+            "epoch": step // epoch_steps,  # epochs completed (informational)
+            "model": model.trainable_state(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "identity": {k: getattr(cfg, k) for k in IDENTITY_KEYS} | {"num_pairs": num_pairs},
+        }
+        save_checkpoint(cfg.out, state, cfg.keep_checkpoints)
+        write_metrics(cfg.out, rows, cfg.write_csv)
+    _barrier(rt)
+    if rt.report is not None:
+        rt.report(dict(rows[-1]))
