@@ -1,4 +1,12 @@
-"""Command line for the in-context retrieval benchmark: ``python -m evaluation.run --help``."""
+"""Command line for the in-context retrieval benchmark: ``python -m evaluation.run --help``.
+
+    python -m evaluation.run --backbone vits14 --weights hub --dataset voc --data-root s3://data/VOC2012
+    python -m evaluation.run --backbone vits14 --weights hub --weights runs/dip/encoder.safetensors \\
+        --dataset all --set data_roots.voc=... --set data_roots.ade20k=... --address auto
+    python -m evaluation.run --tiny --dataset synthetic --data-root /tmp/scenes --set memory.size=4096
+
+Configuration: defaults (the paper's settings) <- --config YAML <- the flags <- --set key=value.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +14,69 @@ from typing import Annotated
 
 import typer
 
+from shared.config import ConfigError, deep_merge, load_config, parse_overrides
+
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=False)
+
+
+def flags_to_overrides(backbone, weights, dataset, data_root, out, tiny, address) -> dict:
+    """The command-line flags as a config override dict (unset flags are left out)."""
+    over: dict = {}
+    if backbone:
+        over["backbones"] = list(backbone)
+    if weights:
+        over["weights"] = list(weights)
+    if dataset:
+        over["datasets"] = list(dataset)
+    if data_root:
+        if not dataset or len(dataset) != 1 or dataset[0] == "all":
+            raise ConfigError("--data-root goes with exactly one --dataset; for several, use "
+                              "--set data_roots.<name>=<URI>")
+        over["data_roots"] = {dataset[0]: data_root}
+    if out:
+        over["out"] = out
+    if tiny:
+        over["tiny"] = True
+    if address:
+        over["ray_address"] = address
+    return over
 
 
 @app.command()
 def main(
-    backbone: Annotated[str, typer.Option(help="registered backbone, e.g. vits14")] = "vits14",
-    weights: Annotated[str, typer.Option(help="'hub', or a post-trained export (safetensors)")] = "hub",
-    dataset: Annotated[str, typer.Option(help="voc, ade20k, pcontext, cityscapes, acdc, cocostuff, nyu, synthetic")] = "synthetic",
-    data_root: Annotated[str | None, typer.Option(help="dataset root URI (standard on-disk layout)")] = None,
-    out: Annotated[str, typer.Option(help="where results are written")] = "runs/eval",
+    backbone: Annotated[list[str] | None, typer.Option(help="registered backbone (repeatable)")] = None,
+    weights: Annotated[list[str] | None, typer.Option(
+        help="'hub', 'random', or an exported encoder file (repeatable)")] = None,
+    dataset: Annotated[list[str] | None, typer.Option(
+        help="voc, ade20k, pcontext, cityscapes, acdc, cocostuff, nyu, synthetic, or all")] = None,
+    data_root: Annotated[str | None, typer.Option(help="root URI of the one --dataset")] = None,
+    out: Annotated[str | None, typer.Option(help="output URI (results, banks, config)")] = None,
+    tiny: Annotated[bool, typer.Option(help="tiny random-init variants (tests, demos)")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local)")] = None,
+    config: Annotated[str | None, typer.Option(help="YAML config file (any URI)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override key=value")] = None,
 ) -> None:
-    """Evaluate an encoder with the in-context (nearest-neighbour retrieval) benchmark."""
-    typer.echo(
-        "evaluation.run: the in-context benchmark (memory bank, kNN label transfer, mIoU/RMSE) "
-        "is not available in this version yet; nothing was evaluated.",
-        err=True,
-    )
-    raise typer.Exit(code=2)
+    """Evaluate encoders with the in-context (nearest-neighbour retrieval) benchmark."""
+    from evaluation.bank import BankError
+    from evaluation.benchmark import run_benchmark
+    from evaluation.config import EvalConfig
+    from evaluation.datasets import DatasetLayoutError
+    from evaluation.report import markdown_table
+
+    try:
+        overrides = deep_merge(
+            flags_to_overrides(backbone, weights, dataset, data_root, out, tiny, address),
+            parse_overrides(set_ or []))
+        cfg = load_config(EvalConfig, config, overrides)
+    except ConfigError as exc:
+        typer.echo(f"evaluation.run: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    try:
+        rows = run_benchmark(cfg, log=lambda msg: typer.echo(msg, err=True))
+    except (ConfigError, DatasetLayoutError, BankError) as exc:
+        typer.echo(f"evaluation.run: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(markdown_table(rows))
 
 
 if __name__ == "__main__":
