@@ -1,0 +1,395 @@
+"""Recursive normalized cut (Shi & Malik) on token features, as DiffCut uses it.
+
+For one image with tokens F (N, C), L2-normalised:
+    W = F F^T, min-max normalised over the whole matrix, then W ** alpha.
+For a region (a set of tokens): A = W restricted to it, d = row sums of A, u = second-smallest
+eigenvector of I - D^-1/2 A D^-1/2, y = D^-1/2 u, sign flipped so the largest |y| is positive;
+100 thresholds linspace(0.99 min y, 0.99 max y); partition x = y > t; NCut(x) = cut/assoc(x) +
+cut/assoc(not x); keep the best. If the best NCut < tau the region splits and both sides recurse
+(positive side first), otherwise it is a leaf; a region of <= 1 token is a leaf. Segment ids are
+the leaves numbered in depth-first order, positive side first.
+
+`reference_recursive_ncut` is the straightforward algorithm (one region at a time, full `eigh`,
+a Python loop over thresholds). `batched_recursive_ncut` gives the same partitions faster:
+- every pending region of every image is processed in one round, bucketed by size into
+  zero-padded batches (padded rows are decoupled: zero affinity, Laplacian diagonal 3);
+- the eigenvector comes from block inverse iteration on L + 4 q q^T (q = D^1/2 1 / |.|, the null
+  vector moved out of the way) with one Cholesky factorisation, re-shifted towards lambda_2 when
+  convergence is slow, started from the parent region's Ritz vectors, and accepted only when its
+  residual is below 1e-8 of the gap to the next Ritz value (else a full `eigh` is used);
+- a region is a leaf without any eigenvector when a Cholesky of L + 4 q q^T - tau I succeeds,
+  since that proves lambda_2 > tau and every NCut is >= lambda_2;
+- the 100 thresholds are scored at once: cut and assoc from products of the (100, n) indicator
+  matrix with A and d.
+Small regions (<= 64 tokens) use a batched full `eigh`. Everything runs in float64 on the
+features' device; the sign rule and the first-minimum rule make both versions choose alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NUM_THRESHOLDS = 100
+THRESHOLD_SCALE = 0.99
+DEG_EPS = 1e-12  # degree floor: a token with zero affinity never divides by zero
+SIGN_TIE_RTOL = 1e-9  # |y| values this close to the largest count as tied (first index wins)
+PAD_EIGENVALUE = 3.0  # padded rows of the Laplacian: above its whole spectrum [0, 2]
+DEFLATION_SHIFT = 4.0  # moves the null vector D^1/2 1 above the spectrum before inverting
+EIGH_MAX_SIZE = 64  # regions up to this many tokens use a batched full eigh directly
+BLOCK_SIZE = 12  # vectors per region in the block inverse iteration
+REFACTOR_STEPS = 8  # a new shifted Cholesky costs about this many inverse-iteration steps
+FIRST_STEPS = 4  # inverse-iteration steps before the first convergence check
+WARM_STEPS = 2  # the same when every region starts from its parent's Ritz vectors
+SIZE_STEP = 64  # larger regions are zero-padded up to a multiple of this to share a batch
+
+
+def affinity_matrix(features: Tensor, alpha: float = 10.0) -> Tensor:
+    """W = minmax(F F^T) ** alpha for (N, C) tokens, L2-normalised first; all-equal W -> ones. -> (N, N) float64.
+
+    F F^T is one product per image, so an image gets the same W bit for bit in any batch: float32
+    on the CPU (the features come from a 16-bit UNet), float64 on a GPU (free there, and immune to
+    TF32 matmul settings); the normalisation and the power run in float64.
+    """
+    dtype = torch.float64 if features.is_cuda else torch.float32
+    feats = F.normalize(features.to(dtype), dim=-1)
+    sim = (feats @ feats.T).double()  # (N, C) x (C, N) -> (N, N)
+    lo, hi = sim.min(), sim.max()
+    if hi - lo <= 1e-6 * max(float(hi.abs()), 1e-30):
+        return torch.ones_like(sim)
+    w = ((sim - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    return _power(w, alpha)
+
+
+def _power(x: Tensor, alpha: float) -> Tensor:
+    """x ** alpha, by repeated squaring when alpha is a small positive integer (much faster than pow)."""
+    if alpha != int(alpha) or not 1 <= alpha <= 64:
+        return x**alpha
+    out, base, k = None, x, int(alpha)
+    while k:
+        if k & 1:
+            out = base.clone() if out is None else out.mul_(base)
+        k >>= 1
+        if k:
+            base = base * base
+    return out
+
+
+def flip_sign(y: Tensor, valid: Tensor | None = None) -> Tensor:
+    """y * sign(y_i) with i the first index whose |y_i| ties (to 1e-9) with max |y| (rows of y)."""
+    mag = y.abs() if valid is None else torch.where(valid, y.abs(), torch.zeros_like(y))
+    top = mag.amax(dim=-1, keepdim=True)
+    first = (mag >= top * (1 - SIGN_TIE_RTOL)).to(torch.uint8).argmax(dim=-1, keepdim=True)
+    sign = torch.where(y.gather(-1, first) < 0, -1.0, 1.0).to(y.dtype)
+    return y * sign
+
+
+def thresholds(lo: Tensor, hi: Tensor, steps: int = NUM_THRESHOLDS) -> Tensor:
+    """Rows of linspace(lo, hi, steps) for (R,) bounds -> (R, steps); exact at both ends."""
+    step = ((hi - lo) / (steps - 1))[:, None]
+    i = torch.arange(steps, device=lo.device, dtype=lo.dtype)[None, :]
+    low_half = lo[:, None] + i * step
+    high_half = hi[:, None] - (steps - 1 - i) * step
+    return torch.where(i < steps // 2, low_half, high_half)
+
+
+def _labels_from_leaves(leaves: list[tuple[tuple[int, ...], Tensor]], n: int) -> Tensor:
+    """Number leaves in depth-first order (path 0 = positive side) -> (n,) segment ids."""
+    labels = torch.empty(n, dtype=torch.long)
+    for seg, (_, idx) in enumerate(sorted(leaves, key=lambda leaf: leaf[0])):
+        labels[idx.cpu()] = seg
+    return labels
+
+
+def reference_recursive_ncut(features: Tensor, tau: float = 0.5, alpha: float = 10.0) -> Tensor:
+    """Recursive 2-way NCut of (N, C) tokens, one region at a time with a full eigh -> (N,) ids."""
+    w = affinity_matrix(features, alpha)
+    n = w.shape[0]
+    leaves: list[tuple[tuple[int, ...], Tensor]] = []
+    stack = [((), torch.arange(n, device=w.device))]
+    while stack:
+        path, idx = stack.pop()
+        if idx.numel() <= 1:
+            leaves.append((path, idx))
+            continue
+        a = w[idx][:, idx]
+        d = a.sum(dim=1).clamp_min(DEG_EPS)
+        s = d.rsqrt()
+        lap = torch.eye(len(idx), dtype=a.dtype, device=a.device) - s[:, None] * a * s[None, :]
+        y = flip_sign(s * torch.linalg.eigh(lap).eigenvectors[:, 1])
+        best, best_x = float("inf"), None
+        lo, hi = THRESHOLD_SCALE * y.min().item(), THRESHOLD_SCALE * y.max().item()
+        for t in torch.linspace(lo, hi, NUM_THRESHOLDS, dtype=y.dtype, device=y.device):
+            x = y > t
+            if not x.any() or x.all():
+                continue
+            assoc_a, assoc_b = d[x].sum(), d[~x].sum()
+            cut = a[x][:, ~x].sum()
+            ncut = (cut / assoc_a + cut / assoc_b).item()
+            if ncut < best:
+                best, best_x = ncut, x
+        if best < tau:
+            stack.append(((*path, 1), idx[~best_x]))
+            stack.append(((*path, 0), idx[best_x]))
+        else:
+            leaves.append((path, idx))
+    return _labels_from_leaves(leaves, n).to(features.device)
+
+
+def _normalized_laplacian(a: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """L = I - D^-1/2 A D^-1/2 of zero-padded (R, n, n) affinities, padded diagonal 3 -> (L, d, D^-1/2)."""
+    d = torch.where(valid, a.sum(dim=-1).clamp_min(DEG_EPS), torch.zeros_like(a[..., 0]))
+    # (R, n), 0 on padding
+    s = torch.where(valid, d.clamp_min(DEG_EPS).rsqrt(), torch.zeros_like(d))
+    lap = (a * s[:, :, None]).mul_(-s[:, None, :])  # -D^-1/2 A D^-1/2, (R, n, n)
+    lap.diagonal(dim1=1, dim2=2).add_(torch.where(valid, 1.0, PAD_EIGENVALUE).to(a.dtype))
+    return lap, d, s
+
+
+def _project_out(v: Tensor, q: Tensor) -> Tensor:
+    """v - q (q^T v) for a unit vector q per region: (R, n, k), (R, n) -> (R, n, k)."""
+    return v - q[:, :, None] * (q[:, None, :] @ v)
+
+
+def _rayleigh_ritz(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Ritz pairs of M on span(v), ascending -> (values (R, k), vectors (R, n, k), residual of the first (R,))."""
+    mv = m @ v  # (R, n, n) x (R, n, k) -> (R, n, k)
+    theta, s = torch.linalg.eigh(v.transpose(-1, -2) @ mv)  # (R, k), (R, k, k)
+    ritz = v @ s
+    resid = (mv @ s[..., :1] - theta[:, None, :1] * ritz[..., :1]).norm(dim=(-2, -1))
+    return theta, ritz, resid
+
+
+def _factor(m: Tensor, sigma: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Cholesky of M - sigma I -> (factor, success); failure means sigma >= the smallest eigenvalue of M."""
+    if sigma is None:
+        chol, info = torch.linalg.cholesky_ex(m)
+        return chol, info == 0
+    diag = m.diagonal(dim1=-2, dim2=-1)
+    saved = diag.clone()
+    diag.sub_(sigma[:, None])  # shift in place and restore exactly: no (R, n, n) copy
+    chol, info = torch.linalg.cholesky_ex(m)
+    diag.copy_(saved)
+    return chol, info == 0
+
+
+def _chol_solve(chol: Tensor, v: Tensor) -> Tensor:
+    """(G G^T)^-1 v by two triangular solves: (R, n, n), (R, n, k) -> (R, n, k)."""
+    z = torch.linalg.solve_triangular(chol, v, upper=False)
+    return torch.linalg.solve_triangular(chol.transpose(-1, -2), z, upper=True)
+
+
+def _rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x[idx] without a copy when idx selects every row in order."""
+    return x if idx.numel() == x.shape[0] else x[idx]
+
+
+def _inverse_iteration(
+    m: Tensor,
+    q: Tensor,
+    start: Tensor,
+    tau: float,
+    steps: int,
+    max_steps: int,
+    rtol: float,
+    atol: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Smallest eigenvectors of M = L + 4 q q^T by shifted block inverse iteration -> (u, converged, leaf, block).
+
+    M has the spectrum of L with the null eigenvalue (vector q = D^1/2 1 / |.|) moved to 4, so its
+    smallest eigenvector is the Fiedler vector u2. After each Rayleigh-Ritz check, a region whose
+    predicted convergence is slow is refactored at a shift sigma < lambda_2 (a successful Cholesky of
+    M - sigma I proves sigma < lambda_2), and `leaf` marks regions proven to have lambda_2 > tau:
+    every NCut is >= lambda_2, so such a region cannot split. `block` holds the final Ritz vectors
+    (ascending), a good start for the regions' children.
+    """
+    chol, ok = _factor(m)
+    u = torch.zeros_like(q)
+    converged, leaf, tried = torch.zeros_like(ok), torch.zeros_like(ok), torch.zeros_like(ok)
+    work = ok.nonzero()[:, 0]  # a failed factorisation (not positive definite) goes to the fallback
+    mw, cw, qw, vw = (_rows(x, work) for x in (m, chol, q, start))
+    sw = torch.zeros_like(qw[:, 0])  # current shift of each region's factor
+    vw = torch.linalg.qr(_project_out(vw, qw)).Q  # (W, n, k)
+    block = start.clone()
+    used = 0
+    while work.numel():
+        for _ in range(steps):
+            vw = torch.linalg.qr(_project_out(_chol_solve(cw, vw), qw)).Q
+        used += steps
+        theta, vw, resid = _rayleigh_ritz(mw, vw)  # theta[:, 0] >= lambda_2
+        target = torch.clamp(rtol * (theta[:, 1] - theta[:, 0]), min=atol)
+        done = resid <= target
+        u[work], converged[work], block[work] = vw[..., 0], done, vw
+        leaf[work] |= done & (theta[:, 0] - resid > tau * (1 + 1e-9))
+        test = ~done & (theta[:, 0] > tau) & ~tried[work]
+        if test.any():  # one Cholesky of M - tau I decides lambda_2 > tau
+            _, proven = _factor(mw[test], torch.full_like(theta[test, 0], tau * (1 + 1e-9)))
+            tried[work[test]] = True
+            leaf[work[test.nonzero()[proven, 0]]] = True
+        live = ~done & ~leaf[work]
+        if used >= max_steps or not live.any():
+            break
+        # the error shrinks by (lambda_2 - sigma) / (lambda_{k+2} - sigma) per step
+        rate = ((theta[:, 0] - sw) / (theta[:, -1] - sw)).clamp(1e-300, 1 - 1e-12)
+        need = torch.log(target / resid) / torch.log(rate)
+        slow = live & (need > REFACTOR_STEPS)
+        if slow.any():  # refactor at sigma = theta_0 - |r|: then a step gains about |r| / gap
+            shift = (theta[slow, 0] - resid[slow]).clamp_min(0.0)
+            factor, better = _factor(mw[slow], shift)
+            rows = slow.nonzero()[better, 0]
+            cw[rows], sw[rows] = factor[better], shift[better]
+            need[rows] = 2
+        steps = int(need[live].max().clamp(1, REFACTOR_STEPS).ceil())
+        if 2 * int(live.sum()) <= len(work):  # compact once at most half the regions still iterate
+            work, mw, cw, qw, sw, vw = work[live], mw[live], cw[live], qw[live], sw[live], vw[live]
+    return u, converged, leaf, block
+
+
+def fiedler_vectors(
+    a: Tensor,
+    valid: Tensor,
+    start: Tensor | None = None,
+    tau: float = math.inf,
+    first_steps: int = FIRST_STEPS,
+    max_steps: int = 40,
+    rtol: float = 1e-8,
+    atol: float = 1e-13,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """y = D^-1/2 u2 of (I - D^-1/2 A D^-1/2) for zero-padded (R, n, n) regions -> (y, d, leaf, block).
+
+    With `start` (R, n, k) the iterative solver runs (full eigh where it does not converge),
+    `leaf` marks regions proven to have lambda_2 > tau and `block` (R, n, k) holds the final Ritz
+    vectors; without it every region uses a full eigh (block None). y (R, n) is sign-flipped so its
+    largest |y| is positive; d (R, n) are the degrees.
+    """
+    lap, d, s = _normalized_laplacian(a, valid)
+    leaf, block = torch.zeros_like(valid[:, 0]), None
+    if start is None:
+        u = torch.linalg.eigh(lap).eigenvectors[..., 1]  # padded eigenvalues sit above, at 3
+    else:
+        q = torch.where(valid, d.sqrt(), 0.0)  # D^1/2 1, the null vector of L on the region
+        q = q / q.norm(dim=-1, keepdim=True)
+        m = lap.baddbmm_(q[:, :, None], q[:, None, :], alpha=DEFLATION_SHIFT)  # L + 4 q q^T
+        u, converged, leaf, block = _inverse_iteration(
+            m, q, start, tau, first_steps, max_steps, rtol, atol
+        )
+        redo = (~converged & ~leaf).nonzero()[:, 0]
+        if redo.numel():  # q's eigenvalue sits above, at 4: the smallest is lambda_2
+            u[redo] = torch.linalg.eigh(m[redo]).eigenvectors[..., 0]
+    return flip_sign(s * u, valid), d, leaf, block
+
+
+def best_split(y: Tensor, a: Tensor, d: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """min over the 100 thresholds of cut/assoc(y>t) + cut/assoc(y<=t) -> (best NCut (R,), y > t* (R, n))."""
+    inf = torch.full_like(y[:, 0], float("inf"))
+    lo = torch.where(valid, y, inf[:, None]).amin(dim=-1)
+    hi = torch.where(valid, y, -inf[:, None]).amax(dim=-1)
+    t = thresholds(THRESHOLD_SCALE * lo, THRESHOLD_SCALE * hi)  # (R, 100)
+    above = (y[:, None, :] > t[:, :, None]) & valid[:, None, :]  # (R, 100, n)
+    below = (y[:, None, :] <= t[:, :, None]) & valid[:, None, :]
+    x = above.to(a.dtype)
+    # (R, 100, n) x (R, n, n) -> (R, 100, n), summed over the other side: weight across the cut
+    cut = ((x @ a) * below).sum(dim=-1)
+    assoc = (x @ d[:, :, None])[..., 0]  # (R, 100)
+    assoc_rest = (below.to(a.dtype) @ d[:, :, None])[..., 0]
+    ncut = cut / assoc + cut / assoc_rest
+    usable = above.any(dim=-1) & below.any(dim=-1) & ~ncut.isnan()
+    ncut = torch.where(usable, ncut, inf[:, None])
+    best_t = ncut.argmin(dim=-1, keepdim=True)  # first minimum, like the reference's strict "<"
+    positive = (y > t.gather(1, best_t)) & valid
+    return ncut.gather(1, best_t)[:, 0], positive
+
+
+def _bucket_size(n: int) -> int:
+    """Padded size for a region of n tokens: itself if small, else the next multiple of SIZE_STEP."""
+    return n if n <= EIGH_MAX_SIZE else -(-n // SIZE_STEP) * SIZE_STEP
+
+
+def _split_regions(w: Tensor, regions: list, start: Tensor, tau: float):
+    """Best 2-way cut of each (image, path, token ids, warm start) region -> (best NCut, positive, block)."""
+    r, n, full = len(regions), max(len(reg[2]) for reg in regions), w.shape[-1]
+    valid = torch.zeros(r, n, dtype=torch.bool, device=w.device)
+    images = [reg[0] for reg in regions]
+    if n == full and images == list(range(w.shape[0])):  # every whole image: the first level
+        a = w
+    elif n == full:
+        a = w.index_select(0, torch.tensor(images, device=w.device))
+    else:
+        a = torch.zeros(r, n, n, dtype=w.dtype, device=w.device)
+    block = torch.zeros(r, n, start.shape[1], dtype=w.dtype, device=w.device)  # (R, n, k) starts
+    for i, (img, _, idx, warm) in enumerate(regions):
+        m = len(idx)
+        valid[i, :m] = True
+        block[i, :m] = start[idx]
+        if warm is not None:  # the parent's Ritz vectors on these tokens, plus one fixed column
+            block[i, :m, 1:] = warm
+        if n != full:
+            a[i, :m, :m] = w[img].index_select(0, idx).index_select(1, idx)
+    warm_all = all(reg[3] is not None for reg in regions)
+    y, d, leaf, block = fiedler_vectors(
+        a, valid, block if n > EIGH_MAX_SIZE else None, tau, WARM_STEPS if warm_all else FIRST_STEPS
+    )
+    best = torch.full_like(y[:, 0], float("inf"))
+    positive = torch.zeros_like(valid)
+    todo = (~leaf).nonzero()[:, 0]
+    if todo.numel():
+        best[todo], positive[todo] = best_split(*(_rows(x, todo) for x in (y, a, d, valid)))
+    return best, positive, block
+
+
+def batched_recursive_ncut(
+    features: Tensor,
+    tau: float = 0.5,
+    alpha: float = 10.0,
+    max_batch_elements: int = 1 << 25,
+) -> Tensor:
+    """Recursive NCut of (B, N, C) tokens, all pending regions of all images at once -> (B, N) ids."""
+    if features.ndim != 3:
+        raise ValueError(
+            f"batched_recursive_ncut expects (B, N, C) features, got shape {tuple(features.shape)}"
+        )
+    b, n, _ = features.shape
+    w = torch.empty(b, n, n, dtype=torch.float64, device=features.device)
+    for i, f in enumerate(features):
+        w[i] = affinity_matrix(f, alpha)  # (N, N), computed per image: same bits in any batch
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(n, BLOCK_SIZE, generator=gen, dtype=w.dtype).to(w.device)  # fixed per token
+    leaves: list[list] = [[] for _ in range(b)]
+    pending = [(i, (), torch.arange(n, device=w.device), None) for i in range(b)]
+    while pending:  # one round = every pending region of every image, bucketed by size
+        buckets: dict[int, list] = {}
+        for region in pending:
+            if len(region[2]) <= 1:
+                leaves[region[0]].append(region[1:3])
+            else:
+                buckets.setdefault(_bucket_size(len(region[2])), []).append(region)
+        pending = []
+        for size, regions in sorted(buckets.items()):
+            chunk = max(1, max_batch_elements // (size * size))
+            for lo in range(0, len(regions), chunk):
+                group = regions[lo : lo + chunk]
+                best, positive, block = _split_regions(w, group, start, tau)
+                split = (best < tau).tolist()  # one device sync per batch
+                for i, (img, path, idx, _) in enumerate(group):
+                    if not split[i]:
+                        leaves[img].append((path, idx))
+                        continue
+                    pos = positive[i, : len(idx)].to(idx.device)
+                    warm = None if block is None else block[i, : len(idx), 1:]
+                    for side, mask in ((0, pos), (1, ~pos)):
+                        child = None if warm is None else warm[mask.to(warm.device)]
+                        pending.append((img, (*path, side), idx[mask], child))
+    labels = torch.stack([_labels_from_leaves(leaves[i], n) for i in range(b)])
+    return labels.to(features.device)
+
+
+def recursive_ncut(features: Tensor, tau: float = 0.5, alpha: float = 10.0) -> Tensor:
+    """Recursive NCut of one image's (N, C) tokens -> (N,) segment ids 0..S-1 (depth-first order)."""
+    if features.ndim != 2:
+        raise ValueError(
+            f"recursive_ncut expects (N, C) features, got shape {tuple(features.shape)}"
+        )
+    return batched_recursive_ncut(features[None], tau=tau, alpha=alpha)[0]

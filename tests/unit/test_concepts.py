@@ -1,0 +1,122 @@
+"""Concept assignment to full resolution, PAMR, and segment-map helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from labeling import concepts
+from labeling.concepts import (
+    assign_concepts,
+    bilinear_matrix,
+    segment_centroids,
+    upsample,
+    upsample_argmax,
+)
+from labeling.pamr import pamr, pamr_affinity
+from labeling.segmenter import ImageInputError, prepare_image, relabel_contiguous
+
+
+def test_segment_centroids_hand_example():
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, 1.0]])
+    labels = torch.tensor([1, 0, 1, 1])
+    expected = torch.tensor([[0.0, 1.0], [5 / 3, 2 / 3]])
+    assert torch.allclose(segment_centroids(feats, labels), expected)
+
+
+@pytest.mark.parametrize("out_size,in_size", [(37, 8), (64, 32), (32, 32), (100, 7), (33, 32)])
+def test_bilinear_matrix_equals_interpolate(out_size, in_size):
+    maps = torch.randn(3, in_size, 5, dtype=torch.float64)
+    ours = bilinear_matrix(out_size, in_size, torch.float64) @ maps  # (out, in) x (3, in, 5)
+    ref = F.interpolate(maps[None], size=(out_size, 5), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(ours, ref, atol=1e-12)
+
+
+def test_upsample_matches_interpolate_and_argmax_bands(monkeypatch):
+    scores = torch.randn(6, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = F.interpolate(scores[None], size=(45, 70), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(upsample(scores, (45, 70)), ref, atol=1e-12)
+    monkeypatch.setattr(concepts, "BAND_ELEMENTS", 6 * 70 * 4)  # bands of 4 rows
+    assert torch.equal(upsample_argmax(scores, (45, 70)), ref.argmax(dim=0))
+
+
+def test_assign_concepts_equals_upsampling_the_features():
+    g = torch.Generator().manual_seed(1)
+    feats = F.normalize(
+        torch.randn(64, 16, dtype=torch.float64, generator=g), dim=-1
+    )  # 8 x 8 tokens
+    labels = torch.randint(0, 5, (64,), generator=g)
+    ours = assign_concepts(feats, labels, (8, 8), (50, 35))
+    # the definition: upsample the C feature maps, then argmax of the dot product with each c_k
+    grid = feats.T.reshape(1, 16, 8, 8)
+    up = F.interpolate(grid, size=(50, 35), mode="bilinear", align_corners=False)[0]  # (C, H, W)
+    cents = torch.stack([feats[labels == k].mean(dim=0) for k in range(5)])
+    ref = torch.einsum("kc,chw->khw", cents, up).argmax(dim=0)
+    assert torch.equal(ours, ref)
+
+
+def test_relabel_contiguous_keeps_order():
+    out = relabel_contiguous(np.array([[5, 2], [2, 9]]))
+    assert out.dtype == np.uint16 and out.tolist() == [[1, 0], [0, 2]]
+
+
+def test_pamr_affinity_is_a_distribution_and_uniform_on_flat_images():
+    img = torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(0))
+    aff = pamr_affinity(img, (1, 2))
+    assert aff.shape == (16, 20, 24) and (aff >= 0).all()
+    assert torch.allclose(aff.sum(dim=0), torch.ones(20, 24))
+    assert torch.allclose(
+        pamr_affinity(torch.full((3, 10, 10), 0.3), (1, 2)), torch.full((16, 10, 10), 1 / 16)
+    )
+
+
+def test_pamr_moves_a_misplaced_boundary_to_the_image_edge():
+    img = torch.zeros(3, 32, 32)
+    img[:, :, 16:] = 1.0
+    img += 0.02 * torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    wrong = torch.zeros(32, 32, dtype=torch.long)
+    wrong[:, 19:] = 1  # boundary 3 px right of the edge
+    masks = F.one_hot(wrong, 2).permute(2, 0, 1).float()
+    refined = pamr(img, masks)
+    truth = torch.zeros(32, 32, dtype=torch.long)
+    truth[:, 16:] = 1
+    assert torch.equal(refined.argmax(dim=0), truth)
+    assert torch.allclose(
+        refined.sum(dim=0), torch.ones(32, 32), atol=1e-5
+    )  # propagation keeps mass
+
+
+def test_pamr_keeps_a_single_mask_constant():
+    img = torch.rand(3, 16, 16)
+    assert torch.allclose(
+        pamr(img, torch.ones(1, 16, 16), iterations=3), torch.ones(1, 16, 16), atol=1e-6
+    )
+
+
+def test_prepare_image_converts_gray_and_rgba():
+    gray = np.arange(40 * 50, dtype=np.uint8).reshape(40, 50)
+    out = prepare_image(gray)
+    assert out.shape == (40, 50, 3) and (out[..., 2] == gray).all()
+    rgba = np.random.default_rng(0).integers(0, 255, (40, 50, 4), dtype=np.uint8)
+    assert (prepare_image(rgba) == rgba[..., :3]).all()
+
+
+@pytest.mark.parametrize(
+    "image,message",
+    [
+        (np.zeros((20, 40, 3), np.uint8), "40x20"),
+        (np.zeros((64, 64, 3), np.float32), "uint8"),
+        (np.zeros((64, 64, 2), np.uint8), "shape"),
+        ([[0, 1]], "numpy array"),
+    ],
+)
+def test_prepare_image_refuses_bad_input(image, message):
+    with pytest.raises(ImageInputError, match=message):
+        prepare_image(image, index=3)
+
+
+def test_prepare_image_refuses_huge_images():
+    with pytest.raises(ImageInputError, match="exceeds the limit of 10000"):
+        prepare_image(np.zeros((200, 100, 3), np.uint8), max_pixels=10_000)

@@ -1,0 +1,188 @@
+"""Recursive normalized cut: hand examples, known groups, and batched == reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from labeling.ncut import (
+    affinity_matrix,
+    batched_recursive_ncut,
+    best_split,
+    fiedler_vectors,
+    flip_sign,
+    recursive_ncut,
+    reference_recursive_ncut,
+    thresholds,
+)
+
+
+def clustered(
+    sizes: list[int], channels: int = 48, noise: float = 0.05, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens of len(sizes) groups around orthogonal directions, shuffled -> (features (N, C), group (N,))."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.linalg.qr(
+        torch.randn(channels, len(sizes), generator=g)
+    ).Q.T  # orthonormal rows
+    group = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+    feats = centres[group] + noise * torch.randn(len(group), channels, generator=g) / math.sqrt(
+        channels
+    )
+    perm = torch.randperm(len(group), generator=g)
+    return feats[perm], group[perm]
+
+
+def structured(batch: int, grid: int = 16, channels: int = 64, seed: int = 0) -> torch.Tensor:
+    """Token maps with objects, two-part objects, smooth variation and noise (like DiffCut's, smaller)."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, grid), torch.linspace(-1, 1, grid), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], dim=-1)
+    common = F.normalize(torch.randn(channels, generator=g), dim=0)
+    out = []
+    for _ in range(batch):
+        k = int(torch.randint(2, 5, (1,), generator=g))
+        seeds = torch.rand(k, 2, generator=g) * 2 - 1
+        region = torch.cdist(pos, seeds).argmin(dim=-1)
+        cent = F.normalize(
+            0.8 * common + F.normalize(torch.randn(k, channels, generator=g), dim=-1), dim=-1
+        )
+        side = pos[:, 0] > seeds[region, 0]
+        part = F.normalize(torch.randn(k, channels, generator=g), dim=-1) * (
+            0.2 + 0.5 * torch.rand(k, 1, generator=g)
+        )
+        feats = cent[region] + side[:, None] * part[region]
+        waves = torch.cos(pos @ (2.5 * torch.randn(2, 4, generator=g)))  # (N, 4) smooth fields
+        feats = feats + 0.35 * waves @ torch.randn(4, channels, generator=g) / math.sqrt(channels)
+        out.append(
+            feats + 0.45 * torch.randn(grid * grid, channels, generator=g) / math.sqrt(channels)
+        )
+    return torch.stack(out)
+
+
+def same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True if the two label vectors group the tokens identically (ids may differ)."""
+    pairs = torch.unique(torch.stack([a, b]), dim=1)
+    return pairs.shape[1] == len(torch.unique(a)) == len(torch.unique(b))
+
+
+def test_hand_example_best_split():
+    a = torch.tensor(
+        [[1.0, 0.9, 0.1, 0.0], [0.9, 1.0, 0.0, 0.1], [0.1, 0.0, 1.0, 0.9], [0.0, 0.1, 0.9, 1.0]],
+        dtype=torch.float64,
+    )
+    y = torch.tensor([[0.5, 0.4, -0.4, -0.5]], dtype=torch.float64)
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    best, positive = best_split(y, a[None], a.sum(1)[None], valid)
+    # {0,1} | {2,3}: cut = 0.1 + 0.1, assoc = 2.0 + 2.0 on each side -> 0.2/4 + 0.2/4
+    assert best.item() == pytest.approx(0.1, abs=1e-12)
+    assert positive.tolist() == [[True, True, False, False]]
+
+
+def test_thresholds_match_linspace():
+    lo = torch.tensor([-0.3, -1.7, 0.0], dtype=torch.float64)
+    hi = torch.tensor([0.8, 2.2, 1e-3], dtype=torch.float64)
+    for row, t in enumerate(thresholds(lo, hi)):
+        expected = torch.linspace(lo[row].item(), hi[row].item(), 100, dtype=torch.float64)
+        assert (
+            torch.allclose(t, expected, rtol=0, atol=1e-15) and t[0] == lo[row] and t[-1] == hi[row]
+        )
+
+
+def test_flip_sign_largest_magnitude_positive_first_on_ties():
+    assert flip_sign(torch.tensor([0.2, -0.5, 0.3])).tolist() == pytest.approx([-0.2, 0.5, -0.3])
+    assert flip_sign(torch.tensor([-0.5, 0.5])).tolist() == [0.5, -0.5]
+
+
+def test_affinity_is_minmax_power():
+    f = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 2.0]])
+    # cosines: 1, 0.6, 0 (off-diagonal 0.6, 0, 0.8) -> minmax over [0, 1] is the identity map
+    expected = (
+        torch.tensor([[1.0, 0.6, 0.0], [0.6, 1.0, 0.8], [0.0, 0.8, 1.0]], dtype=torch.float64) ** 10
+    )
+    assert torch.allclose(affinity_matrix(f, 10.0), expected, atol=1e-6)
+
+
+def test_known_groups_are_recovered():
+    feats, group = clustered([70, 40, 90, 25])
+    labels = recursive_ncut(feats)
+    assert same_partition(labels, group)
+    assert sorted(torch.unique(labels).tolist()) == [0, 1, 2, 3]
+
+
+def test_depth_first_numbering_positive_side_first():
+    # the small group is the positive side of the first cut (largest |y|), then 40 before 60 likewise
+    feats, group = clustered([60, 40, 12], noise=0.02, seed=3)
+    feats[group == 1] = F.normalize(
+        feats[group == 1] + 0.8 * feats[group == 0][:1], dim=-1
+    )  # 1 is near 0
+    labels = recursive_ncut(feats)
+    assert [int(labels[group == g][0]) for g in (2, 1, 0)] == [0, 1, 2]
+    assert torch.equal(labels, reference_recursive_ncut(feats))
+
+
+def test_constant_features_are_one_segment():
+    assert recursive_ncut(torch.ones(50, 8)).tolist() == [0] * 50
+    assert batched_recursive_ncut(torch.ones(2, 30, 4)).unique().tolist() == [0]
+
+
+def test_two_distinct_tokens_split_and_one_token_is_one_segment():
+    assert sorted(recursive_ncut(torch.tensor([[1.0, 0.0], [0.0, 1.0]])).tolist()) == [0, 1]
+    assert recursive_ncut(torch.randn(1, 5)).tolist() == [0]
+
+
+def test_zero_feature_row_gives_valid_labels():
+    feats, _ = clustered([30, 30])
+    feats[5] = 0.0
+    labels = recursive_ncut(feats)
+    assert labels.min() == 0 and not torch.isnan(labels.float()).any()
+    assert torch.equal(torch.unique(labels), torch.arange(int(labels.max()) + 1))
+
+
+def test_batched_equals_per_image_and_reference():
+    feats = structured(4)
+    batched = batched_recursive_ncut(feats)
+    for i, f in enumerate(feats):
+        assert torch.equal(batched[i], recursive_ncut(f))
+        assert torch.equal(batched[i], reference_recursive_ncut(f))
+        assert torch.equal(torch.unique(batched[i]), torch.arange(int(batched[i].max()) + 1))
+
+
+def test_iterative_fiedler_vector_matches_full_eigh():
+    feats = structured(3, seed=1)
+    a = torch.stack([affinity_matrix(f) for f in feats])[
+        :, :150, :150
+    ]  # regions larger than the eigh cut-off
+    valid = torch.ones(3, 150, dtype=torch.bool)
+    valid[2, 120:] = False  # a zero-padded region
+    a = a * (valid[:, :, None] & valid[:, None, :])
+    start = torch.randn(150, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact, _, _, _ = fiedler_vectors(a, valid)
+    fast, _, leaf, _ = fiedler_vectors(a, valid, start.expand(3, -1, -1) * valid[:, :, None])
+    assert not leaf.any()
+    assert torch.allclose(fast, exact, atol=1e-8) and (fast[2, 120:] == 0).all()
+
+
+def test_leaf_proof_only_when_lambda2_exceeds_tau():
+    feats, _ = clustered([100], noise=0.5)  # one noisy group: no good cut
+    a = affinity_matrix(feats)[None]
+    valid = torch.ones(1, 100, dtype=torch.bool)
+    lap = (
+        torch.eye(100, dtype=torch.float64)
+        - a[0] / a[0].sum(1).sqrt()[:, None] / a[0].sum(1).sqrt()[None]
+    )
+    lam2 = torch.linalg.eigvalsh(lap)[1].item()
+    start = torch.randn(1, 100, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    _, _, leaf_below, _ = fiedler_vectors(a, valid, start, tau=lam2 * 0.9)
+    _, _, leaf_above, _ = fiedler_vectors(a, valid, start, tau=lam2 * 1.1)
+    assert leaf_below.item() and not leaf_above.item()
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="N, C"):
+        recursive_ncut(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="B, N, C"):
+        batched_recursive_ncut(torch.randn(3, 4))
