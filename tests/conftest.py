@@ -15,6 +15,8 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads that spin while waiting make every test crawl when two processes share the cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
