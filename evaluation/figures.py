@@ -49,7 +49,8 @@ def save_figure(fig, uri: str, dpi: int = 100) -> None:
 
 
 def _prepare(image: np.ndarray, size: int) -> torch.Tensor:
-    return eval_geometry(to_tensor(image), None, size)[0]
+    # antialiased resizing overshoots [0, 1] slightly; imshow wants the valid range
+    return eval_geometry(to_tensor(image), None, size)[0].clamp(0, 1)
 
 
 def plot_correlation(query_image: np.ndarray, reference_image: np.ndarray,
