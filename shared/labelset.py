@@ -224,7 +224,7 @@ class LabelSetWriter:
         globals_ = storage.glob(self._path("tables/*.parquet"))
         contents["global_tables"] = sorted(u.rsplit("/", 1)[1].removesuffix(".parquet")
                                            for u in globals_)
-        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         doc = {"created": created, "package_version": _package_version(),
                **meta, "format_version": FORMAT_VERSION,
                "fingerprint": self.fingerprint, "contents": contents}
