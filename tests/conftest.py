@@ -15,6 +15,8 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray binds and talks to loopback only: on Linux it would otherwise use the primary interface
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # OpenMP threads that spin while waiting make every test crawl when two processes share the cores
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -94,8 +96,9 @@ def ray_local(s3_endpoint):
     import ray
 
     env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint, "RAY_USAGE_STATS_ENABLED": "0",
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     ray.init(
+        _node_ip_address="127.0.0.1",
         num_cpus=4,
         num_gpus=0,
         object_store_memory=256 * 1024**2,
@@ -161,3 +164,91 @@ def build_synthetic_labelset(root: str, num_images: int = 8, size=(64, 48), seed
 def synthetic_labelset():
     """The builder of small hand-made label sets (see ``build_synthetic_labelset``)."""
     return build_synthetic_labelset
+
+
+def _stop_processes_mentioning(*markers: str) -> None:
+    """SIGKILL the processes whose command line contains a marker, and all their descendants
+    (``ray stop`` would also stop the tests' own Ray; Ray renames its agents' command lines)."""
+    import signal
+    from pathlib import Path
+
+    parent, hits = {}, set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid = int(stat.parent.name)
+            parent[pid] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if any(m.encode() in cmdline for m in markers):
+            hits.add(pid)
+    grown = True
+    while grown:  # add children of anything already selected
+        new = {pid for pid, ppid in parent.items() if ppid in hits} - hits
+        hits |= new
+        grown = bool(new)
+    for pid in hits - {os.getpid()}:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
+
+
+class HeadNode:
+    """A one-node ``ray start --head`` cluster (auth off, 4 CPUs) and ``ray job submit`` to it."""
+
+    def __init__(self, address: str, env: dict[str, str]):
+        self.address = address
+        self.env = env
+
+    def submit(self, entrypoint: list[str], runtime_env: dict | None = None,
+               working_dir: str | None = None, timeout: float = 900):
+        """Run ``ray job submit -- <entrypoint>``; retried while the job agent is still starting."""
+        import json
+        import subprocess
+        import sys
+        import time
+
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
+               f"--address={self.address}"]
+        if working_dir:
+            cmd += ["--working-dir", working_dir]
+        if runtime_env:
+            cmd += ["--runtime-env-json", json.dumps(runtime_env)]
+        cmd += ["--", *entrypoint]
+        deadline = time.monotonic() + 120
+        while True:
+            result = subprocess.run(cmd, env=self.env, capture_output=True, text=True,
+                                    timeout=timeout)
+            starting = "No available agent" in result.stdout + result.stderr
+            if result.returncode == 0 or not starting or time.monotonic() > deadline:
+                return result
+            time.sleep(3)
+
+
+@pytest.fixture
+def head_node():
+    """A Ray cluster of its own, started with ``ray start --head`` and stopped afterwards."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths are limited
+    dash = _free_port()
+    # every port chosen here: the defaults (e.g. the agent's 52365) clash with the tests' own Ray
+    ports = {name: _free_port() for name in (
+        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+           "--node-ip-address=127.0.0.1", "--num-cpus=4", "--num-gpus=0",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--temp-dir={temp_dir}", "--object-store-memory=200000000", "--disable-usage-stats",
+           *(f"--{name}={value}" for name, value in ports.items())]
+    try:
+        subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
+        yield HeadNode(f"http://127.0.0.1:{dash}", env)
+    finally:
+        _stop_processes_mentioning(temp_dir, f"127.0.0.1:{ports['port']}")
+        shutil.rmtree(temp_dir, ignore_errors=True)
