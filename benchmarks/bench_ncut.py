@@ -16,6 +16,14 @@ other users' load made OpenMP spin and both timings 5x worse):
     reference 14.97 s CPU (13.6 segments/s), batched 3.39 s CPU (60.1 segments/s): 4.4x,
     identical label maps 16/16 (204 segments). Other seeds / tau / alpha / C=256: 4.5x to 5.0x,
     all identical. Of the batched time, ~15% is the affinity F F^T that both versions compute.
+After factoring M in place (upper LAPACK factor = row-major lower, the faster layout for both
+triangular solves) and taking the Rayleigh-Ritz products from A, paired runs of the command above
+(original module, then this one, same machine, under CI load) gave 5.2x -> 5.7x, 4.5x -> 5.0x and
+4.7x -> 5.0x CPU speed-up (batched 2.93 s -> 2.66 s against reference 13.7 s / 13.4 s), 16/16
+identical; seeds 1, 2 (tau 0.4) and C=256 (alpha 8): 4.8x to 5.9x, all identical.
+What is left (CPU seconds of ~2.6): Cholesky of the regions that split ~0.65 (n^3 / 3, the first
+level of 16 x 1024 alone ~0.25), affinity ~0.55 (F F^T 0.45), triangular solves ~0.45, threshold
+scoring ~0.4, Rayleigh-Ritz products ~0.2.
 """
 
 from __future__ import annotations

@@ -13,12 +13,14 @@ the leaves numbered in depth-first order, positive side first.
 a Python loop over thresholds). `batched_recursive_ncut` gives the same partitions faster:
 - every pending region of every image is processed in one round, bucketed by size into
   zero-padded batches (padded rows are decoupled: zero affinity, Laplacian diagonal 3);
-- the eigenvector comes from block inverse iteration on L + 4 q q^T (q = D^1/2 1 / |.|, the null
-  vector moved out of the way) with one Cholesky factorisation, re-shifted towards lambda_2 when
-  convergence is slow, started from the parent region's Ritz vectors, and accepted only when its
-  residual is below 1e-8 of the gap to the next Ritz value (else a full `eigh` is used);
+- the eigenvector comes from block inverse iteration on M = L + 4 q q^T (q = D^1/2 1 / |.|, the
+  null vector moved out of the way) with one Cholesky factorisation, re-shifted towards lambda_2
+  when convergence is slow, started from the parent region's Ritz vectors, and accepted only when
+  its residual is below 1e-8 of the gap to the next Ritz value (else a full `eigh` is used); M is
+  factored in its own memory (no copy), and the Rayleigh-Ritz products M v come from A itself;
 - a region is a leaf without any eigenvector when a Cholesky of L + 4 q q^T - tau I succeeds,
-  since that proves lambda_2 > tau and every NCut is >= lambda_2;
+  since that proves lambda_2 > tau and every NCut is >= lambda_2 (M is rebuilt for this test and
+  for a re-shift, which only a few regions need);
 - the 100 thresholds are scored at once: cut and assoc from products of the (100, n) indicator
   matrix with A and d.
 Small regions (<= 64 tokens) use a batched full `eigh`. Everything runs in float64 on the
@@ -57,10 +59,10 @@ def affinity_matrix(features: Tensor, alpha: float = 10.0) -> Tensor:
     dtype = torch.float64 if features.is_cuda else torch.float32
     feats = F.normalize(features.to(dtype), dim=-1)
     sim = (feats @ feats.T).double()  # (N, C) x (C, N) -> (N, N)
-    lo, hi = sim.min(), sim.max()
+    lo, hi = torch.aminmax(sim)
     if hi - lo <= 1e-6 * max(float(hi.abs()), 1e-30):
         return torch.ones_like(sim)
-    w = ((sim - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    w = sim.sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)  # in place, the bits of (sim - lo) / (hi - lo)
     return _power(w, alpha)
 
 
@@ -71,10 +73,10 @@ def _power(x: Tensor, alpha: float) -> Tensor:
     out, base, k = None, x, int(alpha)
     while k:
         if k & 1:
-            out = base.clone() if out is None else out.mul_(base)
+            out = (base.clone() if base is x else base) if out is None else out.mul_(base)
         k >>= 1
-        if k:
-            base = base * base
+        if k:  # x itself may be squared in place once it is no longer needed
+            base = base.mul_(base) if base is not x and base is not out else base * base
     return out
 
 
@@ -154,9 +156,24 @@ def _project_out(v: Tensor, q: Tensor) -> Tensor:
     return v - q[:, :, None] * (q[:, None, :] @ v)
 
 
-def _rayleigh_ritz(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Ritz pairs of M on span(v), ascending -> (values (R, k), vectors (R, n, k), residual of the first (R,))."""
-    mv = m @ v  # (R, n, n) x (R, n, k) -> (R, n, k)
+def _deflated(a: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """M = L + 4 q q^T (q = D^1/2 1 / |.|, the null vector of L) of (R, n, n) affinities -> (M, d, D^-1/2, q)."""
+    lap, d, s = _normalized_laplacian(a, valid)
+    q = torch.where(valid, d.sqrt(), 0.0)
+    q = q / q.norm(dim=-1, keepdim=True)
+    return lap.baddbmm_(q[:, :, None], q[:, None, :], alpha=DEFLATION_SHIFT), d, s, q
+
+
+def _apply_deflated(a: Tensor, s: Tensor, q: Tensor, v: Tensor) -> Tensor:
+    """M v from the affinities, without M: v - D^-1/2 A D^-1/2 v + 4 q q^T v, padded rows 3 v -> (R, n, k)."""
+    diag = torch.where(s > 0, 1.0, PAD_EIGENVALUE).to(v.dtype)[:, :, None]  # s is 0 only on padding
+    av = a @ (s[:, :, None] * v)  # (R, n, n) x (R, n, k) -> (R, n, k)
+    mv = diag * v - s[:, :, None] * av
+    return mv.baddbmm_(q[:, :, None], q[:, None, :] @ v, alpha=DEFLATION_SHIFT)
+
+
+def _rayleigh_ritz(mv: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Ritz pairs of M on span(v) given mv = M v, ascending -> (values (R, k), vectors (R, n, k), residual of the first (R,))."""
     theta, s = torch.linalg.eigh(v.transpose(-1, -2) @ mv)  # (R, k), (R, k, k)
     ritz = v @ s
     resid = (mv @ s[..., :1] - theta[:, None, :1] * ritz[..., :1]).norm(dim=(-2, -1))
@@ -164,22 +181,25 @@ def _rayleigh_ritz(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _factor(m: Tensor, sigma: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Cholesky of M - sigma I -> (factor, success); failure means sigma >= the smallest eigenvalue of M."""
-    if sigma is None:
-        chol, info = torch.linalg.cholesky_ex(m)
-        return chol, info == 0
-    diag = m.diagonal(dim1=-2, dim2=-1)
-    saved = diag.clone()
-    diag.sub_(sigma[:, None])  # shift in place and restore exactly: no (R, n, n) copy
-    chol, info = torch.linalg.cholesky_ex(m)
-    diag.copy_(saved)
-    return chol, info == 0
+    """Cholesky of M - sigma I, in place: M is overwritten -> (factor, success).
+
+    Failure means sigma >= the smallest eigenvalue of M. LAPACK works on M's own memory (no
+    (R, n, n) copy): the upper factor G^T of M's column-major view is G stored row-major, the
+    layout in which both triangular solves run fastest.
+    """
+    if sigma is not None:
+        m.diagonal(dim1=-2, dim2=-1).sub_(sigma[:, None])
+    upper = m.transpose(-1, -2)  # column-major view of M^T, which is M up to rounding
+    info = torch.empty(m.shape[0], dtype=torch.int32, device=m.device)
+    torch.linalg.cholesky_ex(upper, upper=True, out=(upper, info))
+    return m, info == 0
 
 
 def _chol_solve(chol: Tensor, v: Tensor) -> Tensor:
     """(G G^T)^-1 v by two triangular solves: (R, n, n), (R, n, k) -> (R, n, k)."""
     z = torch.linalg.solve_triangular(chol, v, upper=False)
-    return torch.linalg.solve_triangular(chol.transpose(-1, -2), z, upper=True)
+    # G^T x = z as x^T G = z^T: both solves then read G in its own (row-major) layout
+    return torch.linalg.solve_triangular(chol, z.mT, upper=False, left=False).mT
 
 
 def _rows(x: Tensor, idx: Tensor) -> Tensor:
@@ -189,7 +209,10 @@ def _rows(x: Tensor, idx: Tensor) -> Tensor:
 
 def _inverse_iteration(
     m: Tensor,
+    s: Tensor,
     q: Tensor,
+    a: Tensor,
+    valid: Tensor,
     start: Tensor,
     tau: float,
     steps: int,
@@ -200,17 +223,18 @@ def _inverse_iteration(
     """Smallest eigenvectors of M = L + 4 q q^T by shifted block inverse iteration -> (u, converged, leaf, block).
 
     M has the spectrum of L with the null eigenvalue (vector q = D^1/2 1 / |.|) moved to 4, so its
-    smallest eigenvector is the Fiedler vector u2. After each Rayleigh-Ritz check, a region whose
-    predicted convergence is slow is refactored at a shift sigma < lambda_2 (a successful Cholesky of
-    M - sigma I proves sigma < lambda_2), and `leaf` marks regions proven to have lambda_2 > tau:
-    every NCut is >= lambda_2, so such a region cannot split. `block` holds the final Ritz vectors
-    (ascending), a good start for the regions' children.
+    smallest eigenvector is the Fiedler vector u2. M is built once and factored in place; products
+    M v come from the affinities. After each Rayleigh-Ritz check, a region whose predicted
+    convergence is slow is refactored (M rebuilt) at a shift sigma < lambda_2 (a successful
+    Cholesky of M - sigma I proves sigma < lambda_2), and `leaf` marks regions proven to have
+    lambda_2 > tau: every NCut is >= lambda_2, so such a region cannot split. `block` holds the
+    final Ritz vectors (ascending), a good start for the regions' children.
     """
-    chol, ok = _factor(m)
+    chol, ok = _factor(m)  # m is consumed
     u = torch.zeros_like(q)
     converged, leaf, tried = torch.zeros_like(ok), torch.zeros_like(ok), torch.zeros_like(ok)
     work = ok.nonzero()[:, 0]  # a failed factorisation (not positive definite) goes to the fallback
-    mw, cw, qw, vw = (_rows(x, work) for x in (m, chol, q, start))
+    aw, vaw, cw, rw, qw, vw = (_rows(x, work) for x in (a, valid, chol, s, q, start))  # rw: D^-1/2
     sw = torch.zeros_like(qw[:, 0])  # current shift of each region's factor
     vw = torch.linalg.qr(_project_out(vw, qw)).Q  # (W, n, k)
     block = start.clone()
@@ -219,14 +243,16 @@ def _inverse_iteration(
         for _ in range(steps):
             vw = torch.linalg.qr(_project_out(_chol_solve(cw, vw), qw)).Q
         used += steps
-        theta, vw, resid = _rayleigh_ritz(mw, vw)  # theta[:, 0] >= lambda_2
+        mv = _apply_deflated(aw, rw, qw, vw)
+        theta, vw, resid = _rayleigh_ritz(mv, vw)  # theta[:, 0] >= lambda_2
         target = torch.clamp(rtol * (theta[:, 1] - theta[:, 0]), min=atol)
         done = resid <= target
         u[work], converged[work], block[work] = vw[..., 0], done, vw
         leaf[work] |= done & (theta[:, 0] - resid > tau * (1 + 1e-9))
         test = ~done & (theta[:, 0] > tau) & ~tried[work]
         if test.any():  # one Cholesky of M - tau I decides lambda_2 > tau
-            _, proven = _factor(mw[test], torch.full_like(theta[test, 0], tau * (1 + 1e-9)))
+            mt = _deflated(aw[test], vaw[test])[0]
+            _, proven = _factor(mt, torch.full_like(theta[test, 0], tau * (1 + 1e-9)))
             tried[work[test]] = True
             leaf[work[test.nonzero()[proven, 0]]] = True
         live = ~done & ~leaf[work]
@@ -238,13 +264,14 @@ def _inverse_iteration(
         slow = live & (need > REFACTOR_STEPS)
         if slow.any():  # refactor at sigma = theta_0 - |r|: then a step gains about |r| / gap
             shift = (theta[slow, 0] - resid[slow]).clamp_min(0.0)
-            factor, better = _factor(mw[slow], shift)
+            factor, better = _factor(_deflated(aw[slow], vaw[slow])[0], shift)
             rows = slow.nonzero()[better, 0]
             cw[rows], sw[rows] = factor[better], shift[better]
             need[rows] = 2
         steps = int(need[live].max().clamp(1, REFACTOR_STEPS).ceil())
         if 2 * int(live.sum()) <= len(work):  # compact once at most half the regions still iterate
-            work, mw, cw, qw, sw, vw = work[live], mw[live], cw[live], qw[live], sw[live], vw[live]
+            work, aw, vaw, cw = work[live], aw[live], vaw[live], cw[live]
+            rw, qw, sw, vw = rw[live], qw[live], sw[live], vw[live]
     return u, converged, leaf, block
 
 
@@ -265,20 +292,19 @@ def fiedler_vectors(
     vectors; without it every region uses a full eigh (block None). y (R, n) is sign-flipped so its
     largest |y| is positive; d (R, n) are the degrees.
     """
-    lap, d, s = _normalized_laplacian(a, valid)
     leaf, block = torch.zeros_like(valid[:, 0]), None
     if start is None:
+        lap, d, s = _normalized_laplacian(a, valid)
         u = torch.linalg.eigh(lap).eigenvectors[..., 1]  # padded eigenvalues sit above, at 3
     else:
-        q = torch.where(valid, d.sqrt(), 0.0)  # D^1/2 1, the null vector of L on the region
-        q = q / q.norm(dim=-1, keepdim=True)
-        m = lap.baddbmm_(q[:, :, None], q[:, None, :], alpha=DEFLATION_SHIFT)  # L + 4 q q^T
+        m, d, s, q = _deflated(a, valid)
         u, converged, leaf, block = _inverse_iteration(
-            m, q, start, tau, first_steps, max_steps, rtol, atol
+            m, s, q, a, valid, start, tau, first_steps, max_steps, rtol, atol
         )
         redo = (~converged & ~leaf).nonzero()[:, 0]
         if redo.numel():  # q's eigenvalue sits above, at 4: the smallest is lambda_2
-            u[redo] = torch.linalg.eigh(m[redo]).eigenvectors[..., 0]
+            m = _deflated(a[redo], valid[redo])[0]
+            u[redo] = torch.linalg.eigh(m).eigenvectors[..., 0]
     return flip_sign(s * u, valid), d, leaf, block
 
 
@@ -318,7 +344,7 @@ def _split_regions(w: Tensor, regions: list, start: Tensor, tau: float):
     elif n == full:
         a = w.index_select(0, torch.tensor(images, device=w.device))
     else:
-        a = torch.zeros(r, n, n, dtype=w.dtype, device=w.device)
+        a = torch.empty(r, n, n, dtype=w.dtype, device=w.device)
     block = torch.zeros(r, n, start.shape[1], dtype=w.dtype, device=w.device)  # (R, n, k) starts
     for i, (img, _, idx, warm) in enumerate(regions):
         m = len(idx)
@@ -326,8 +352,10 @@ def _split_regions(w: Tensor, regions: list, start: Tensor, tau: float):
         block[i, :m] = start[idx]
         if warm is not None:  # the parent's Ritz vectors on these tokens, plus one fixed column
             block[i, :m, 1:] = warm
-        if n != full:
-            a[i, :m, :m] = w[img].index_select(0, idx).index_select(1, idx)
+        if n != full:  # one gather of W[idx][:, idx] from the flat matrix; zero only the padding
+            a[i, :m, :m] = w[img].view(-1).take(idx[:, None] * full + idx[None, :])
+            a[i, :m, m:] = 0.0
+            a[i, m:] = 0.0
     warm_all = all(reg[3] is not None for reg in regions)
     y, d, leaf, block = fiedler_vectors(
         a, valid, block if n > EIGH_MAX_SIZE else None, tau, WARM_STEPS if warm_all else FIRST_STEPS

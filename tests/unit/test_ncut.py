@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from labeling.ncut import (
+    _apply_deflated,
+    _deflated,
+    _factor,
     affinity_matrix,
     batched_recursive_ncut,
     best_split,
@@ -164,6 +167,33 @@ def test_iterative_fiedler_vector_matches_full_eigh():
     fast, _, leaf, _ = fiedler_vectors(a, valid, start.expand(3, -1, -1) * valid[:, :, None])
     assert not leaf.any()
     assert torch.allclose(fast, exact, atol=1e-8) and (fast[2, 120:] == 0).all()
+
+
+def test_deflated_product_without_the_matrix_equals_explicit_product():
+    feats = structured(2, seed=2)
+    a = torch.stack([affinity_matrix(f) for f in feats])[:, :90, :90]
+    valid = torch.ones(2, 90, dtype=torch.bool)
+    valid[1, 70:] = False  # a zero-padded region: M there is 3 I
+    a = a * (valid[:, :, None] & valid[:, None, :])
+    m, d, s, q = _deflated(a, valid)
+    v = torch.randn(2, 90, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(_apply_deflated(a, s, q, v), m @ v, rtol=0, atol=1e-12)
+    assert torch.equal(m[1, 70:, 70:], 3 * torch.eye(20, dtype=torch.float64))
+    assert torch.allclose(m[0] @ q[0], 4 * q[0], atol=1e-12)  # the null vector moved to 4
+
+
+def test_in_place_factor_is_cholesky_of_shifted_matrix():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 40, dtype=torch.float64, generator=g)
+    m = x @ x.mT / 40 + 0.5 * torch.eye(40, dtype=torch.float64)
+    lowest = torch.linalg.eigvalsh(m)[:, 0]
+    sigma = torch.stack([lowest[0] - 0.1, lowest[1] + 0.1, torch.zeros((), dtype=torch.float64)])
+    chol, ok = _factor(m.clone(), sigma)
+    assert ok.tolist() == [True, False, True]
+    shifted = m - sigma[:, None, None] * torch.eye(40, dtype=torch.float64)
+    for i in (0, 2):
+        assert torch.allclose(chol[i] @ chol[i].mT, shifted[i], atol=1e-12)
+        assert torch.equal(chol[i], chol[i].tril())
 
 
 def test_leaf_proof_only_when_lambda2_exceeds_tau():
