@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared import storage
-
-from .base import EvalDataset, Item, nonempty, require
+from .base import EvalDataset, descend, nonempty, paired_items, require
 
 CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
@@ -44,16 +42,10 @@ class ADE20K(EvalDataset):
 
     def __init__(self, root: str, split: str = "val"):
         super().__init__(root, split)
-        nested = storage.join(self.root, "ADEChallengeData2016")
-        if storage.isdir(nested):
-            self.root = nested
+        self.root = descend(self.root, "ADEChallengeData2016")
         folder = self.splits[split]
         require(self.root, self.name, [f"images/{folder}", f"annotations/{folder}"], LAYOUT)
-        items = []
-        for uri in storage.glob(storage.join(self.root, "images", folder, "*.jpg")):
-            image_id = uri.rsplit("/", 1)[-1][: -len(".jpg")]
-            items.append(Item(image_id, uri,
-                              storage.join(self.root, "annotations", folder, f"{image_id}.png")))
+        items = paired_items(self.root, folder)
         self.items = nonempty(items, self.root, self.name, folder, LAYOUT)
 
     def convert_target(self, raw: np.ndarray) -> np.ndarray:

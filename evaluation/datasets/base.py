@@ -52,6 +52,21 @@ def read_id_list(root: str, rel: str, dataset: str, layout: str) -> list[str]:
     return ids
 
 
+def descend(root: str, folder: str) -> str:
+    """``root/folder`` when the dataset sits one level down (e.g. VOCdevkit/VOC2012), else root."""
+    nested = storage.join(root, folder)
+    return nested if storage.isdir(nested) else root
+
+
+def paired_items(root: str, folder: str) -> list[Item]:
+    """``<root>/images/<folder>/<id>.jpg`` with ``<root>/annotations/<folder>/<id>.png``."""
+    items = []
+    for uri in storage.glob(storage.join(root, "images", folder, "*.jpg")):
+        image_id = uri.rsplit("/", 1)[-1][: -len(".jpg")]
+        items.append(Item(image_id, uri, storage.join(root, "annotations", folder, f"{image_id}.png")))
+    return items
+
+
 def nonempty(items: list[Item], root: str, dataset: str, split: str, layout: str) -> list[Item]:
     """``items`` unless empty; an empty split is a layout error naming the root and split."""
     if not items:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared import storage
-
-from .base import EvalDataset, Item, lut, nonempty, require
+from .base import EvalDataset, lut, nonempty, paired_items, require
 
 CLASSES = (
     "electronic", "appliance", "food", "furniture", "indoor", "kitchen", "accessory", "animal",
@@ -83,11 +81,7 @@ class CocoStuff27(EvalDataset):
         super().__init__(root, split)
         folder = self.splits[split]
         require(self.root, self.name, [f"images/{folder}", f"annotations/{folder}"], LAYOUT)
-        items = []
-        for uri in storage.glob(storage.join(self.root, "images", folder, "*.jpg")):
-            image_id = uri.rsplit("/", 1)[-1][: -len(".jpg")]
-            items.append(Item(image_id, uri,
-                              storage.join(self.root, "annotations", folder, f"{image_id}.png")))
+        items = paired_items(self.root, folder)
         self.items = nonempty(items, self.root, self.name, folder, LAYOUT)
         self._lut = lut(fine_to_coarse())
 

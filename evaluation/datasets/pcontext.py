@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from shared import storage
 
-from .base import EvalDataset, Item, read_id_list, require
+from .base import EvalDataset, Item, descend, read_id_list, require
 
 CLASSES = (
     "background", "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat",
@@ -31,9 +31,7 @@ class PascalContext(EvalDataset):
 
     def __init__(self, root: str, split: str = "val"):
         super().__init__(root, split)
-        nested = storage.join(self.root, "VOC2010")
-        if storage.isdir(nested):
-            self.root = nested
+        self.root = descend(self.root, "VOC2010")
         require(self.root, self.name, ["JPEGImages", "SegmentationClassContext"], LAYOUT)
         ids = read_id_list(self.root, f"ImageSets/SegmentationContext/{split}.txt", self.name,
                            LAYOUT)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from shared import storage
 
-from .base import EvalDataset, Item, read_id_list, require
+from .base import EvalDataset, Item, descend, read_id_list, require
 
 CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -18,11 +18,6 @@ LAYOUT = """  <root>/JPEGImages/<id>.jpg
   (<root> is VOC2012/, or a VOCdevkit/ holding VOC2012/)"""
 
 
-def _voc_root(root: str) -> str:
-    nested = storage.join(root, "VOC2012")
-    return nested if storage.isdir(nested) else root
-
-
 class PascalVOC(EvalDataset):
     name = "voc"
     classes = CLASSES
@@ -31,7 +26,7 @@ class PascalVOC(EvalDataset):
 
     def __init__(self, root: str, split: str = "val"):
         super().__init__(root, split)
-        self.root = _voc_root(self.root)
+        self.root = descend(self.root, "VOC2012")
         if split == "train":
             lists = [f"ImageSets/Segmentation/{n}.txt" for n in ("trainaug", "train_aug", "aug")]
             rel = next((r for r in lists if storage.exists(storage.join(self.root, r))), lists[0])
