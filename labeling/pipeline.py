@@ -150,9 +150,13 @@ class LabelingRun:
             _by_shard(_map(rows, SegmentActor, (cfg_json,), self.cfg), expected,
                       self._write_segments, bar)
 
-    def _write_segments(self, shard: int, rows: list[dict]) -> None:
+    def _in_listing_order(self, shard: int, rows: list[dict]) -> list[dict]:
+        """Rows arrive in any order from the actors; tables are written in listing order."""
         order = {iid: k for k, (iid, _) in enumerate(self.shards[shard])}
-        rows.sort(key=lambda r: order[str(r["image_id"])])
+        return sorted(rows, key=lambda r: order[str(r["image_id"])])
+
+    def _write_segments(self, shard: int, rows: list[dict]) -> None:
+        rows = self._in_listing_order(shard, rows)
         ok = [r for r in rows if r["status"] == "ok"]
         images = pa.table({
             "image_id": [str(r["image_id"]) for r in rows],
@@ -236,8 +240,7 @@ class LabelingRun:
                       expected, self._write_labels, bar)
 
     def _write_labels(self, shard: int, rows: list[dict]) -> None:
-        order = {iid: k for k, (iid, _) in enumerate(self.shards[shard])}
-        rows.sort(key=lambda r: order[str(r["image_id"])])
+        rows = self._in_listing_order(shard, rows)
         cls_img, cls_id, cls_area = [], [], []
         for r in rows:
             ids = np.frombuffer(r["class_ids"], np.int32)
