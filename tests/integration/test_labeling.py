@@ -132,6 +132,10 @@ def test_missing_and_empty_inputs_fail_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         LabelingRun(tiny_config(str(tmp_path / "empty"), str(tmp_path / "out")), progress=False)
+    images = make_images(str(tmp_path / "data"), corrupt=False)
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(storage.StorageError, match="not writable"):
+        LabelingRun(tiny_config(images, str(tmp_path / "a_file" / "labels")), progress=False)
 
 
 def test_s3_in_and_out(s3_bucket, ray_local):
