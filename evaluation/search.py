@@ -155,6 +155,17 @@ class FaissSearch:
         return _finish(sims, idx, self.k)
 
 
+def _in_order(shards: Shards):
+    """Yield (offset, features) of ``shards``, refusing any shard out of bank order."""
+    expected = 0
+    for offset, feats in shards:
+        if offset != expected:
+            raise ValueError(f"bank shards must come in order: got offset {offset}, "
+                             f"expected {expected}")
+        expected += feats.shape[0]
+        yield offset, feats
+
+
 class FaissIVFSearch:
     """Approximate cosine top-k: faiss IVF index over the whole bank, built once, then reused."""
 
@@ -172,13 +183,9 @@ class FaissIVFSearch:
         """Train the coarse quantiser (and codec) on the first ``train_size`` patches, add all."""
         import faiss
 
-        shards = iter(shards)
-        train, pending, expected = [], [], 0
-        for offset, feats in shards:
-            if offset != expected:
-                raise ValueError(f"bank shards must come in order: got offset {offset}, "
-                                 f"expected {expected}")
-            expected += feats.shape[0]
+        shards = _in_order(shards)
+        train, pending = [], []
+        for _, feats in shards:
             pending.append(_as_numpy(feats))
             train.append(pending[-1])
             if sum(t.shape[0] for t in train) >= self.train_size:
@@ -194,11 +201,7 @@ class FaissIVFSearch:
         index.train(sample)
         for block in pending:
             index.add(block)
-        for offset, feats in shards:
-            if offset != expected:
-                raise ValueError(f"bank shards must come in order: got offset {offset}, "
-                                 f"expected {expected}")
-            expected += feats.shape[0]
+        for _, feats in shards:  # the same generator: the rest of the bank, still checked
             index.add(_as_numpy(feats))
         faiss.extract_index_ivf(index).nprobe = self.nprobe
         self.index = index

@@ -78,6 +78,10 @@ def test_ivf_rejects_out_of_order_shards(data):
     shards = _shards(bank, 100)[::-1]
     with pytest.raises(ValueError, match="in order"):
         FaissIVFSearch(k=3, nlist=2, train_size=50, use_gpu=False).build(shards)
+    # a gap after the training sample is caught while the rest of the bank is added
+    gap = [s for i, s in enumerate(_shards(bank, 100)) if i != 2]
+    with pytest.raises(ValueError, match="in order"):
+        FaissIVFSearch(k=3, nlist=2, train_size=50, use_gpu=False).build(gap)
 
 
 def test_gather_values_across_shards():
