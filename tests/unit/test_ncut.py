@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from labeling.ncut import (
     _apply_deflated,
+    _chol_solve,
     _deflated,
     _factor,
     affinity_matrix,
@@ -191,9 +192,14 @@ def test_in_place_factor_is_cholesky_of_shifted_matrix():
     chol, ok = _factor(m.clone(), sigma)
     assert ok.tolist() == [True, False, True]
     shifted = m - sigma[:, None, None] * torch.eye(40, dtype=torch.float64)
-    for i in (0, 2):
-        assert torch.allclose(chol[i] @ chol[i].mT, shifted[i], atol=1e-12)
-        assert torch.equal(chol[i], chol[i].tril())
+    for i in (0, 2):  # the factor is the lower triangle; solves never read the rest
+        lower = chol[i].tril()
+        assert torch.allclose(lower @ lower.mT, shifted[i], atol=1e-12)
+        assert torch.allclose(
+            _chol_solve(chol[i : i + 1], shifted[i : i + 1]),
+            torch.eye(40, dtype=torch.float64),
+            atol=1e-9,
+        )
 
 
 def test_leaf_proof_only_when_lambda2_exceeds_tau():
