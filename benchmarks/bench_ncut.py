@@ -34,6 +34,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 from labeling.ncut import batched_recursive_ncut, reference_recursive_ncut
 
@@ -105,8 +106,9 @@ def main() -> None:
         "--threads", type=int, default=0, help="torch CPU threads (0: leave the default)"
     )
     args = parser.parse_args()
-    if args.threads:
+    if args.threads:  # torch's BLAS and SciPy's LAPACK (used by the batched solver on the CPU)
         torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
     device = torch.device(args.device)
     feats = synthetic_diffcut_features(args.batch, args.grid, args.channels, args.seed).to(device)
     batched_recursive_ncut(feats[:2], args.tau, args.alpha)  # warm-up: library initialisation

@@ -13,18 +13,23 @@ the leaves numbered in depth-first order, positive side first.
 a Python loop over thresholds). `batched_recursive_ncut` gives the same partitions faster:
 - every pending region of every image is processed in one round, bucketed by size into
   zero-padded batches (padded rows are decoupled: zero affinity, Laplacian diagonal 3);
-- the eigenvector comes from block inverse iteration on M = L + 4 q q^T (q = D^1/2 1 / |.|, the
-  null vector moved out of the way) with one Cholesky factorisation, re-shifted towards lambda_2
-  when convergence is slow, started from the parent region's Ritz vectors, and accepted only when
-  its residual is below 1e-8 of the gap to the next Ritz value (else a full `eigh` is used); M is
-  factored in its own memory (no copy), and the Rayleigh-Ritz products M v come from A itself;
-- a region is a leaf without any eigenvector when a Cholesky of L + 4 q q^T - tau I succeeds,
-  since that proves lambda_2 > tau and every NCut is >= lambda_2 (M is rebuilt for this test and
-  for a re-shift, which only a few regions need);
-- the 100 thresholds are scored at once: cut and assoc from products of the (100, n) indicator
-  matrix with A and d.
-Small regions (<= 64 tokens) use a batched full `eigh`. Everything runs in float64 on the
-features' device; the sign rule and the first-minimum rule make both versions choose alike.
+- regions above 320 tokens: block inverse iteration on M = L + 4 q q^T (q = D^1/2 1 / |.|, the
+  null vector moved out of the way). M is built and factored in float32; a few plain steps with
+  that factor find the low invariant subspace, then each float64 Rayleigh-Ritz check (products
+  M v from the float64 affinities) is followed by the correction x <- x - P^-1 (M x - x theta),
+  whose error shrinks with the residual, so the vectors reach float64 accuracy. A vector is
+  accepted only when its float64 residual is below 1e-8 of the gap to the next Ritz value (else
+  a full `eigh` is used). Children start from their parent's Ritz vectors; a slowly converging
+  region is refactored at a shift towards lambda_2;
+- a region is a leaf without any eigenvector when a float64 Cholesky of M - tau I succeeds,
+  since that proves lambda_2 > tau and every NCut is >= lambda_2;
+- regions up to 320 tokens: a direct solver for the one eigenvector (LAPACK's MRRR on the CPU,
+  a batched `eigh` elsewhere);
+- the 100 thresholds are scored at once: affinities summed per (row, threshold bin), then prefix
+  sums over the bins give every cut with no cancellation, O(n^2) instead of O(100 n^2).
+On the CPU, Cholesky, its solves and the direct eigensolver go through SciPy's LAPACK
+(`CPU_SCIPY_LAPACK`); other devices use torch.linalg. The sign rule and the first-minimum rule
+make both versions choose alike.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ BLOCK_SIZE = 12  # vectors per region in the block inverse iteration
 REFACTOR_STEPS = 8  # a new shifted Cholesky costs about this many inverse-iteration steps
 FIRST_STEPS = 4  # inverse-iteration steps before the first convergence check
 WARM_STEPS = 2  # the same when every region starts from its parent's Ritz vectors
+CPU_SCIPY_LAPACK = True  # False: CPU tensors use torch.linalg like other devices
 GRAM_BLOCK = 128  # rows per block of the affinity's F F^T
 FACTOR_DTYPE = torch.float32  # M is factored in this precision; residuals stay float64
 MIN_SHIFT_GAP = 1e-4  # lambda_2 - sigma kept above this, where float32 solves stay accurate
@@ -227,7 +233,7 @@ def _factor(m: Tensor, sigma: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """
     if sigma is not None:
         m.diagonal(dim1=-2, dim2=-1).sub_(sigma[:, None])
-    if m.device.type == "cpu":
+    if _scipy_lapack(m):
         return m, _cpu_factor(m)
     upper = m.transpose(-1, -2)  # column-major view of M^T, which is M up to rounding
     info = torch.empty(m.shape[0], dtype=torch.int32, device=m.device)
@@ -237,7 +243,7 @@ def _factor(m: Tensor, sigma: Tensor | None = None) -> tuple[Tensor, Tensor]:
 
 def _chol_solve(chol: Tensor, v: Tensor) -> Tensor:
     """(G G^T)^-1 v by two triangular solves: (R, n, n), (R, n, k) -> (R, n, k)."""
-    if chol.device.type == "cpu":
+    if _scipy_lapack(chol):
         return _cpu_chol_solve(chol, v)
     z = torch.linalg.solve_triangular(chol, v, upper=False)
     # G^T x = z as x^T G = z^T: both solves then read G in its own (row-major) layout
@@ -248,6 +254,11 @@ def _chol_solve(chol: Tensor, v: Tensor) -> Tensor:
 # factors in place without zeroing the other triangle, and on some CPUs (AMD) it runs about twice
 # as fast as the LAPACK torch links. Row-major M seen column-major is M^T = M, so LAPACK's upper
 # factor U (M = U^T U) lands row-major as the lower G = U^T, the layout the torch path uses too.
+
+
+def _scipy_lapack(x: Tensor) -> bool:
+    """Whether x's linear algebra goes through SciPy's LAPACK (CPU tensors, unless switched off)."""
+    return x.device.type == "cpu" and CPU_SCIPY_LAPACK
 
 
 def _cpu_factor(m: Tensor) -> Tensor:
@@ -395,7 +406,7 @@ def _eigenvector(mats: Tensor, valid: Tensor, index: int) -> Tensor:
     tridiagonal form but computes only the one eigenvector: about 3x cheaper than a full `eigh`
     at n = 128 to 256. Other devices use a batched full `eigh`.
     """
-    if mats.device.type != "cpu":
+    if not _scipy_lapack(mats):
         return torch.linalg.eigh(mats).eigenvectors[..., index]
     out = torch.zeros_like(mats[..., 0])
     for i, (mat, m) in enumerate(zip(mats.numpy(), valid.sum(dim=-1).tolist(), strict=True)):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import labeling.ncut as ncut_module
 from labeling.ncut import (
     _apply_deflated,
     _chol_solve,
@@ -153,6 +154,19 @@ def test_batched_equals_per_image_and_reference():
         assert torch.equal(batched[i], recursive_ncut(f))
         assert torch.equal(batched[i], reference_recursive_ncut(f))
         assert torch.equal(torch.unique(batched[i]), torch.arange(int(batched[i].max()) + 1))
+
+
+@pytest.mark.parametrize("scipy_lapack", [True, False], ids=["scipy-lapack", "torch-linalg"])
+def test_large_regions_equal_reference_with_either_linear_algebra(monkeypatch, scipy_lapack):
+    # 576 tokens: the top levels run the float32-factor iteration, the small regions the direct
+    # solver; torch.linalg is what other devices use
+    monkeypatch.setattr(ncut_module, "CPU_SCIPY_LAPACK", scipy_lapack)
+    feats = structured(2, grid=24, seed=0)
+    assert feats.shape[1] > ncut_module.DIRECT_MAX_SIZE
+    batched = batched_recursive_ncut(feats, tau=0.7)
+    for i, f in enumerate(feats):
+        assert torch.equal(batched[i], reference_recursive_ncut(f, tau=0.7))
+        assert int(batched[i].max()) >= 7  # a real tree, not one cut
 
 
 def test_iterative_fiedler_vector_matches_full_eigh():
