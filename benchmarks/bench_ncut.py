@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
+from labeling import ncut
 from labeling.ncut import batched_recursive_ncut, reference_recursive_ncut
 
 
@@ -105,7 +106,13 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: leave the default)"
     )
+    parser.add_argument(
+        "--torch-linalg",
+        action="store_true",
+        help="batched solver with torch.linalg on the CPU too (as on other devices), not SciPy's LAPACK",
+    )
     args = parser.parse_args()
+    ncut.CPU_SCIPY_LAPACK = not args.torch_linalg
     if args.threads:  # torch's BLAS and SciPy's LAPACK (used by the batched solver on the CPU)
         torch.set_num_threads(args.threads)
         threadpool_limits(args.threads)
@@ -132,7 +139,8 @@ def main() -> None:
     )
     print(
         f"B={args.batch} tokens={args.grid}x{args.grid} C={args.channels} device={device} "
-        f"threads={torch.get_num_threads()} tau={args.tau} alpha={args.alpha}"
+        f"threads={torch.get_num_threads()} tau={args.tau} alpha={args.alpha} "
+        f"linalg={'torch' if args.torch_linalg else 'scipy-lapack'}"
     )
     print(f"segments per image: {(ref.amax(dim=1) + 1).tolist()}")
     print(f"{'method':<10} {'wall s':>8} {'cpu s':>8} {'seg/s (wall)':>13} {'seg/s (cpu)':>12}")

@@ -13,7 +13,7 @@ the leaves numbered in depth-first order, positive side first.
 a Python loop over thresholds). `batched_recursive_ncut` gives the same partitions faster:
 - every pending region of every image is processed in one round, bucketed by size into
   zero-padded batches (padded rows are decoupled: zero affinity, Laplacian diagonal 3);
-- regions above 320 tokens: block inverse iteration on M = L + 4 q q^T (q = D^1/2 1 / |.|, the
+- larger regions: block inverse iteration on M = L + 4 q q^T (q = D^1/2 1 / |.|, the
   null vector moved out of the way). M is built and factored in float32; a few plain steps with
   that factor find the low invariant subspace, then each float64 Rayleigh-Ritz check (products
   M v from the float64 affinities) is followed by the correction x <- x - P^-1 (M x - x theta),
@@ -23,8 +23,8 @@ a Python loop over thresholds). `batched_recursive_ncut` gives the same partitio
   region is refactored at a shift towards lambda_2;
 - a region is a leaf without any eigenvector when a float64 Cholesky of M - tau I succeeds,
   since that proves lambda_2 > tau and every NCut is >= lambda_2;
-- regions up to 320 tokens: a direct solver for the one eigenvector (LAPACK's MRRR on the CPU,
-  a batched `eigh` elsewhere);
+- small regions: a direct solver, LAPACK's MRRR for the one eigenvector on the CPU (up to 320
+  tokens), a batched full `eigh` elsewhere (up to 64);
 - the 100 thresholds are scored at once: affinities summed per (row, threshold bin), then prefix
   sums over the bins give every cut with no cancellation, O(n^2) instead of O(100 n^2).
 On the CPU, Cholesky, its solves and the direct eigensolver go through SciPy's LAPACK
@@ -49,7 +49,8 @@ DEG_EPS = 1e-12  # degree floor: a token with zero affinity never divides by zer
 SIGN_TIE_RTOL = 1e-9  # |y| values this close to the largest count as tied (first index wins)
 PAD_EIGENVALUE = 3.0  # padded rows of the Laplacian: above its whole spectrum [0, 2]
 DEFLATION_SHIFT = 4.0  # moves the null vector D^1/2 1 above the spectrum before inverting
-DIRECT_MAX_SIZE = 320  # regions up to this many tokens use a direct eigensolver
+DIRECT_MAX_SIZE = 320  # regions up to this many tokens use LAPACK's one-vector solver (CPU)
+EIGH_MAX_SIZE = 64  # without it (torch.linalg), a batched full eigh up to this many tokens
 BLOCK_SIZE = 12  # vectors per region in the block inverse iteration
 REFACTOR_STEPS = 8  # a new shifted Cholesky costs about this many inverse-iteration steps
 FIRST_STEPS = 4  # inverse-iteration steps before the first convergence check
@@ -485,7 +486,7 @@ def _split_regions(w: Tensor, regions: list, start: Tensor, tau: float):
     y, d, leaf, block = fiedler_vectors(
         a,
         valid,
-        block if n > DIRECT_MAX_SIZE else None,
+        block if n > (DIRECT_MAX_SIZE if _scipy_lapack(w) else EIGH_MAX_SIZE) else None,
         tau,
         WARM_STEPS if warm_all else FIRST_STEPS,
     )
