@@ -10,20 +10,18 @@ a Python loop over the 100 thresholds); ours runs `batched_recursive_ncut` on th
 Times are wall-clock and process CPU time (the better of --repeats runs each, interleaved), since
 other jobs on a shared machine inflate wall-clock time.
 
-Measured on a shared 2-core AMD EPYC (AVX-512, MKL), torch 2.14.1, one thread (two threads under
-other users' load made OpenMP spin and both timings 5x worse):
+Measured on a shared 2-core AMD EPYC (AVX-512), torch 2.14.1 with MKL, SciPy 1.17 with OpenBLAS,
+one thread:
     python benchmarks/bench_ncut.py --batch 16 --threads 1 --repeats 2
-    reference 14.97 s CPU (13.6 segments/s), batched 3.39 s CPU (60.1 segments/s): 4.4x,
-    identical label maps 16/16 (204 segments). Other seeds / tau / alpha / C=256: 4.5x to 5.0x,
-    all identical. Of the batched time, ~15% is the affinity F F^T that both versions compute.
-After factoring M in place (upper LAPACK factor = row-major lower, the faster layout for both
-triangular solves) and taking the Rayleigh-Ritz products from A, paired runs of the command above
-(original module, then this one, same machine, under CI load) gave 5.2x -> 5.7x, 4.5x -> 5.0x and
-4.7x -> 5.0x CPU speed-up (batched 2.93 s -> 2.66 s against reference 13.7 s / 13.4 s), 16/16
-identical; seeds 1, 2 (tau 0.4) and C=256 (alpha 8): 4.8x to 5.9x, all identical.
-What is left (CPU seconds of ~2.6): Cholesky of the regions that split ~0.65 (n^3 / 3, the first
-level of 16 x 1024 alone ~0.25), affinity ~0.55 (F F^T 0.45), triangular solves ~0.45, threshold
-scoring ~0.4, Rayleigh-Ritz products ~0.2.
+    reference 13.8-14.4 s, batched 1.67-1.80 s (113-122 segments/s): 7.7x-8.6x over three runs,
+    identical label maps 16/16 (204 segments). With --torch-linalg (no SciPy LAPACK; the path
+    other devices take) 7.2x, 16/16. Seeds 1-4, tau 0.4 and 0.6, C=256 with alpha 8, B=8:
+    6.7x-8.9x, all identical.
+Of the batched ~1.7 s: the affinity (F F^T, which the reference pays too) ~0.33, the float32
+Cholesky factorisations ~0.2, their solves ~0.19, the float64 products M v ~0.18, the direct
+one-vector eigensolver on small regions ~0.15, threshold scoring ~0.17; the rest is gathering
+sub-affinities and per-region bookkeeping. Every large pass over a (n, n) matrix is bound by
+memory bandwidth here (~6 GB/s per core), which is why float32 factors pay off.
 """
 
 from __future__ import annotations
