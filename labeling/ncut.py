@@ -444,9 +444,9 @@ def best_split(y: Tensor, a: Tensor, d: Tensor, valid: Tensor) -> tuple[Tensor, 
     deg = a.new_zeros(r, steps + 2).scatter_add_(1, bins, d)[:, : steps + 1]  # (R, 101)
     count = bins.new_zeros(r, steps + 2).scatter_add_(1, bins, valid.to(bins.dtype))[:, : steps + 1]
     assoc_rest = deg.cumsum(dim=-1)[:, :steps]  # (R, 100): degree of {bin <= j}
-    assoc = deg.flip(-1).cumsum(dim=-1).flip(-1)[:, 1:]  # degree of {bin > j}
+    assoc = deg.flip(-1).cumsum(dim=-1).flip(-1)[:, 1:]  # degree of {bin > j}, no subtraction
     n_rest = count.cumsum(dim=-1)[:, :steps]
-    n_above = count.flip(-1).cumsum(dim=-1).flip(-1)[:, 1:]
+    n_above = valid.sum(dim=-1, keepdim=True) - n_rest  # token counts are exact
     ncut = cut / assoc + cut / assoc_rest
     usable = (n_above > 0) & (n_rest > 0) & ~ncut.isnan()
     ncut = torch.where(usable, ncut, inf[:, None])
@@ -471,24 +471,24 @@ def _split_regions(w: Tensor, regions: list, start: Tensor, tau: float):
         a = w.index_select(0, torch.tensor(images, device=w.device))
     else:
         a = torch.empty(r, n, n, dtype=w.dtype, device=w.device)
-    block = torch.zeros(r, n, start.shape[1], dtype=w.dtype, device=w.device)  # (R, n, k) starts
+    iterative = n > (DIRECT_MAX_SIZE if _scipy_lapack(w) else EIGH_MAX_SIZE)
+    block = None  # (R, n, k) starts of the iterative solver; the direct solver needs none
+    if iterative:
+        block = torch.zeros(r, n, start.shape[1], dtype=w.dtype, device=w.device)
     for i, (img, _, idx, warm) in enumerate(regions):
         m = len(idx)
         valid[i, :m] = True
-        block[i, :m] = start[idx]
-        if warm is not None:  # the parent's Ritz vectors on these tokens, plus one fixed column
-            block[i, :m, 1:] = warm
+        if iterative:
+            block[i, :m] = start[idx]
+            if warm is not None:  # the parent's Ritz vectors on these tokens, plus one fixed column
+                block[i, :m, 1:] = warm
         if n != full:  # one gather of W[idx][:, idx] from the flat matrix; zero only the padding
             a[i, :m, :m] = w[img].view(-1).take(idx[:, None] * full + idx[None, :])
             a[i, :m, m:] = 0.0
             a[i, m:] = 0.0
     warm_all = all(reg[3] is not None for reg in regions)
     y, d, leaf, block = fiedler_vectors(
-        a,
-        valid,
-        block if n > (DIRECT_MAX_SIZE if _scipy_lapack(w) else EIGH_MAX_SIZE) else None,
-        tau,
-        WARM_STEPS if warm_all else FIRST_STEPS,
+        a, valid, block, tau, WARM_STEPS if warm_all else FIRST_STEPS
     )
     best = torch.full_like(y[:, 0], float("inf"))
     positive = torch.zeros_like(valid)
