@@ -34,13 +34,16 @@ make both versions choose alike.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import numpy as np
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from scipy.linalg import lapack
+from scipy.linalg import blas, lapack
+from threadpoolctl import ThreadpoolController
 from torch import Tensor
 
 NUM_THRESHOLDS = 100
@@ -62,53 +65,72 @@ MIN_SHIFT_GAP = 1e-4  # lambda_2 - sigma kept above this, where float32 solves s
 SIZE_STEP = 64  # larger regions are zero-padded up to a multiple of this to share a batch
 
 
-def affinity_matrix(features: Tensor, alpha: float = 10.0) -> Tensor:
+def affinity_matrix(features: Tensor, alpha: float = 10.0, out: Tensor | None = None) -> Tensor:
     """W = minmax(F F^T) ** alpha for (N, C) tokens, L2-normalised first; all-equal W -> ones. -> (N, N) float64.
 
     F F^T is one product per image, so an image gets the same W bit for bit in any batch: float32
     on the CPU (the features come from a 16-bit UNet), float64 on a GPU (free there, and immune to
-    TF32 matmul settings); the normalisation and the power run in float64.
+    TF32 matmul settings); the normalisation and the power run in float64, in place in `out`
+    (an (N, N) float64 tensor, allocated when not given).
     """
     dtype = torch.float64 if features.is_cuda else torch.float32
-    sim = _gram(F.normalize(features.to(dtype), dim=-1)).double()  # (N, N)
-    lo, hi = torch.aminmax(sim)
+    sim = _gram(F.normalize(features.to(dtype), dim=-1))  # (N, N)
+    n = sim.shape[0]
+    w = torch.empty(n, n, dtype=torch.float64, device=sim.device) if out is None else out
+    lo, hi = (x.double() for x in torch.aminmax(sim))  # exact: float32 widens to float64 exactly
+    w.copy_(sim)
     if hi - lo <= 1e-6 * max(float(hi.abs()), 1e-30):
-        return torch.ones_like(sim)
-    w = sim.sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)  # in place, the bits of (sim - lo) / (hi - lo)
-    return _power(w, alpha)
+        return w.fill_(1.0)
+    # (sim - lo) / (hi - lo) lies in [0, 1] without clamping: rounding is monotonic
+    return _power_(w.sub_(lo).div_(hi - lo), alpha)
 
 
 def _gram(feats: Tensor) -> Tensor:
-    """F F^T of (N, C) rows from its lower block triangle, mirrored -> (N, N).
+    """F F^T of (N, C) rows -> (N, N), exactly symmetric.
 
-    A row block of GRAM_BLOCK rows is multiplied only with the rows up to its own end, which
-    skips nearly half of the products (the symmetric rank-k update BLAS would do, which torch
-    does not expose); each entry is still one length-C dot product.
+    On the CPU, BLAS's symmetric rank-k update (`syrk`, through SciPy) computes one triangle;
+    elsewhere each row block of GRAM_BLOCK rows is multiplied only with the rows up to its own
+    end. Either way nearly half of the products are skipped and the other triangle is mirrored.
     """
     n = feats.shape[0]
+    if _scipy_lapack(feats) and feats.dtype in (torch.float32, torch.float64):
+        syrk = blas.ssyrk if feats.dtype == torch.float32 else blas.dsyrk
+        x = feats.contiguous().numpy()  # (N, C) row-major: x.T is (C, N) column-major
+        # C = x x^T, upper triangle of the column-major result = lower triangle row-major
+        out = torch.from_numpy(syrk(1.0, x.T, trans=1, lower=0).T)
+        _mirror_lower(out)
+        return out
     if n <= 2 * GRAM_BLOCK:
         return feats @ feats.T
     out = feats.new_empty(n, n)
     for lo in range(0, n, GRAM_BLOCK):
         hi = min(lo + GRAM_BLOCK, n)
-        rows = feats[lo:hi] @ feats[:hi].T  # (b, C) x (C, hi) -> (b, hi)
-        out[lo:hi, :hi] = rows
-        out[:lo, lo:hi] = rows[:, :lo].T
-    return out
+        out[lo:hi, :hi] = feats[lo:hi] @ feats[:hi].T  # (b, C) x (C, hi) -> (b, hi)
+    return _mirror_lower(out)
 
 
-def _power(x: Tensor, alpha: float) -> Tensor:
-    """x ** alpha, by repeated squaring when alpha is a small positive integer (much faster than pow)."""
-    if alpha != int(alpha) or not 1 <= alpha <= 64:
-        return x**alpha
-    out, base, k = None, x, int(alpha)
-    while k:
-        if k & 1:
-            out = (base.clone() if base is x else base) if out is None else out.mul_(base)
-        k >>= 1
-        if k:  # x itself may be squared in place once it is no longer needed
-            base = base.mul_(base) if base is not x and base is not out else base * base
-    return out
+def _mirror_lower(x: Tensor) -> Tensor:
+    """Copy the lower triangle of a square matrix onto its upper triangle, in place -> x."""
+    n = x.shape[0]
+    for lo in range(0, n, GRAM_BLOCK):
+        hi = min(lo + GRAM_BLOCK, n)
+        x[:lo, lo:hi] = x[lo:hi, :lo].T
+        block = x[lo:hi, lo:hi]
+        block.copy_(block.tril() + block.tril(-1).T)
+    return x
+
+
+def _power_(x: Tensor, alpha: float) -> Tensor:
+    """x ** alpha in place; by square-and-multiply when alpha is a small positive integer (much faster than pow)."""
+    k = int(alpha)
+    if alpha != k or not 1 <= k <= 64:
+        return x.pow_(alpha)
+    base = x.clone() if k & (k - 1) else None  # needed only when k is not a power of two
+    for bit in bin(k)[3:]:  # the bits after the leading one
+        x.mul_(x)
+        if bit == "1":
+            x.mul_(base)
+    return x
 
 
 def flip_sign(y: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -260,6 +282,24 @@ def _chol_solve(chol: Tensor, v: Tensor) -> Tensor:
 def _scipy_lapack(x: Tensor) -> bool:
     """Whether x's linear algebra goes through SciPy's LAPACK (CPU tensors, unless switched off)."""
     return x.device.type == "cpu" and CPU_SCIPY_LAPACK
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """The BLAS libraries loaded in this process (SciPy's among them), found once."""
+    return ThreadpoolController()
+
+
+def _single_threaded_scipy(x: Tensor) -> contextlib.AbstractContextManager:
+    """Context in which SciPy's BLAS runs one thread, when x's linear algebra goes through SciPy.
+
+    The solver alternates many short SciPy LAPACK calls with torch operations: the idle threads
+    of each library spin-wait and take the cores from the other (on 2 cores, 3x slower). Torch
+    keeps its threads for its own operations.
+    """
+    if not _scipy_lapack(x):
+        return contextlib.nullcontext()
+    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 def _cpu_factor(m: Tensor) -> Tensor:
@@ -511,8 +551,15 @@ def batched_recursive_ncut(
         )
     b, n, _ = features.shape
     w = torch.empty(b, n, n, dtype=torch.float64, device=features.device)
-    for i, f in enumerate(features):
-        w[i] = affinity_matrix(f, alpha)  # (N, N), computed per image: same bits in any batch
+    with _single_threaded_scipy(w):
+        for i, f in enumerate(features):
+            affinity_matrix(f, alpha, out=w[i])  # computed per image: same bits in any batch
+        return _recursive_splits(w, tau, max_batch_elements).to(features.device)
+
+
+def _recursive_splits(w: Tensor, tau: float, max_batch_elements: int) -> Tensor:
+    """The rounds of `batched_recursive_ncut` on (B, N, N) affinities -> (B, N) ids."""
+    b, n, _ = w.shape
     gen = torch.Generator().manual_seed(0)
     start = torch.randn(n, BLOCK_SIZE, generator=gen, dtype=w.dtype).to(w.device)  # fixed per token
     leaves: list[list] = [[] for _ in range(b)]
@@ -540,8 +587,7 @@ def batched_recursive_ncut(
                     for side, mask in ((0, pos), (1, ~pos)):
                         child = None if warm is None else warm[mask.to(warm.device)]
                         pending.append((img, (*path, side), idx[mask], child))
-    labels = torch.stack([_labels_from_leaves(leaves[i], n) for i in range(b)])
-    return labels.to(features.device)
+    return torch.stack([_labels_from_leaves(leaves[i], n) for i in range(b)])
 
 
 def recursive_ncut(features: Tensor, tau: float = 0.5, alpha: float = 10.0) -> Tensor:

@@ -111,6 +111,47 @@ def test_affinity_is_minmax_power():
     assert torch.allclose(affinity_matrix(f, 10.0), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("scipy_blas", [True, False], ids=["scipy-syrk", "torch-blocks"])
+@pytest.mark.parametrize("alpha", [1.0, 2.0, 7.0, 10.0, 2.5])
+def test_affinity_matches_the_formula_and_fills_a_given_buffer(monkeypatch, scipy_blas, alpha):
+    monkeypatch.setattr(ncut_module, "CPU_SCIPY_LAPACK", scipy_blas)
+    f = torch.randn(300, 40, generator=torch.Generator().manual_seed(3))  # > 2 row blocks
+    unit = F.normalize(f.double(), dim=-1)
+    sim = unit @ unit.T
+    expected = ((sim - sim.min()) / (sim.max() - sim.min())) ** alpha
+    w = affinity_matrix(f, alpha)
+    assert torch.equal(w, w.T)  # exactly symmetric
+    assert torch.allclose(w, expected, atol=2e-5)
+    out = torch.full((300, 300), float("nan"), dtype=torch.float64)
+    assert affinity_matrix(f, alpha, out=out) is out
+    assert torch.equal(out, w)
+    assert torch.equal(affinity_matrix(torch.ones(4, 3)), torch.ones(4, 4, dtype=torch.float64))
+
+
+def test_scipy_blas_runs_one_thread_inside_the_solver(monkeypatch):
+    # idle OpenBLAS threads spin and take the cores from torch's: the solver pins SciPy to one
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    seen = []
+    original = ncut_module._cpu_chol_solve
+
+    def spy(chol, v):
+        seen.append(blas_threads())
+        return original(chol, v)
+
+    monkeypatch.setattr(ncut_module, "_cpu_chol_solve", spy)
+    with threadpool_limits(2, user_api="blas"):
+        labels = batched_recursive_ncut(structured(2, grid=24))
+        assert blas_threads() == {2}  # restored afterwards
+    assert seen and all(s == {1} for s in seen)
+    assert torch.equal(
+        labels, torch.stack([reference_recursive_ncut(f) for f in structured(2, grid=24)])
+    )
+
+
 def test_known_groups_are_recovered():
     feats, group = clustered([70, 40, 90, 25])
     labels = recursive_ncut(feats)
