@@ -195,18 +195,22 @@ def reference_recursive_ncut(features: Tensor, tau: float = 0.5, alpha: float = 
 
 
 def _normalized_laplacian(
-    a: Tensor, valid: Tensor, dtype: torch.dtype | None = None
+    a: Tensor, valid: Tensor, dtype: torch.dtype | None = None, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """L = I - D^-1/2 A D^-1/2 of zero-padded (R, n, n) affinities, padded diagonal 3 -> (L, d, D^-1/2).
 
-    L is built in `dtype` (default: A's); the degrees d and D^-1/2 keep A's precision.
+    L is built in `dtype` (default: A's; `out`'s when given, L is then written there); the
+    degrees d and D^-1/2 keep A's precision.
     """
     d = torch.where(valid, a.sum(dim=-1).clamp_min(DEG_EPS), torch.zeros_like(a[..., 0]))
     # (R, n), 0 on padding
     s = torch.where(valid, d.clamp_min(DEG_EPS).rsqrt(), torch.zeros_like(d))
-    dtype = dtype or a.dtype
+    dtype = out.dtype if out is not None else dtype or a.dtype
     sd = s.to(dtype)
-    lap = a * sd[:, :, None] if dtype == a.dtype else a.to(dtype).mul_(sd[:, :, None])
+    if out is not None:
+        lap = out.copy_(a).mul_(sd[:, :, None])
+    else:
+        lap = a * sd[:, :, None] if dtype == a.dtype else a.to(dtype).mul_(sd[:, :, None])
     lap.mul_(-sd[:, None, :])  # -D^-1/2 A D^-1/2, (R, n, n)
     lap.diagonal(dim1=1, dim2=2).add_(torch.where(valid, 1.0, PAD_EIGENVALUE).to(dtype))
     return lap, d, s
@@ -218,13 +222,13 @@ def _project_out(v: Tensor, q: Tensor) -> Tensor:
 
 
 def _deflated(
-    a: Tensor, valid: Tensor, dtype: torch.dtype | None = None
+    a: Tensor, valid: Tensor, dtype: torch.dtype | None = None, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """M = L + 4 q q^T (q = D^1/2 1 / |.|, the null vector of L) of (R, n, n) affinities -> (M, d, D^-1/2, q).
 
-    M is built in `dtype` (default: A's); d, D^-1/2 and q keep A's precision.
+    M is built in `dtype` (default: A's), in `out` when given; d, D^-1/2 and q keep A's precision.
     """
-    lap, d, s = _normalized_laplacian(a, valid, dtype)
+    lap, d, s = _normalized_laplacian(a, valid, dtype, out)
     q = torch.where(valid, d.sqrt(), 0.0)
     q = q / q.norm(dim=-1, keepdim=True)
     qd = q.to(lap.dtype)
@@ -239,11 +243,11 @@ def _apply_deflated(a: Tensor, s: Tensor, q: Tensor, v: Tensor) -> Tensor:
     return mv.baddbmm_(q[:, :, None], q[:, None, :] @ v, alpha=DEFLATION_SHIFT)
 
 
-def _rayleigh_ritz(mv: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Ritz pairs of M on span(v) given mv = M v, ascending -> (values (R, k), vectors (R, n, k), residuals M x - x theta (R, n, k))."""
-    theta, s = torch.linalg.eigh(v.transpose(-1, -2) @ mv)  # (R, k), (R, k, k)
-    ritz = v @ s
-    return theta, ritz, mv @ s - ritz * theta[:, None, :]
+def _rayleigh_ritz(mv: Tensor, v: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The k lowest Ritz pairs of M on span(v) (orthonormal columns) given mv = M v -> (values (R, k), vectors x (R, n, k), M x)."""
+    theta, s = torch.linalg.eigh(v.transpose(-1, -2) @ mv)  # ascending, (R, m), (R, m, m)
+    s = s[..., :k]
+    return theta[:, :k], v @ s, mv @ s
 
 
 def _factor(m: Tensor, sigma: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -328,6 +332,27 @@ def _cpu_chol_solve(chol: Tensor, v: Tensor) -> Tensor:
     return torch.from_numpy(out)
 
 
+class NCutWorkspace:
+    """Memory for the large (B, N, N) and (R, n, n) arrays of `batched_recursive_ncut`, one buffer per role.
+
+    On the CPU a fresh array of this size is paid for again in page faults when it is first
+    written, about as much time as a pass of arithmetic over it. One buffer per role, grown to
+    the largest batch seen, is reused by every batch of a call and, when the caller keeps the
+    workspace, by every later call.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+        """An uninitialised `shape` tensor in `role`'s buffer (valid until the next get of the role)."""
+        numel = math.prod(shape)
+        buf = self._buffers.get(role)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[role] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+
 def _rows(x: Tensor, idx: Tensor) -> Tensor:
     """x[idx] without a copy when idx selects every row in order."""
     return x if idx.numel() == x.shape[0] else x[idx]
@@ -342,6 +367,7 @@ def _inverse_iteration(
     max_steps: int,
     rtol: float,
     atol: float,
+    workspace: NCutWorkspace | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Smallest eigenvectors of M = L + 4 q q^T by block inverse iteration -> (u, converged, leaf, block, d, D^-1/2).
 
@@ -359,7 +385,8 @@ def _inverse_iteration(
     region cannot split. `block` holds the final Ritz vectors (ascending), a good start for the
     regions' children.
     """
-    m, d, s, q = _deflated(a, valid, FACTOR_DTYPE)
+    out = None if workspace is None else workspace.get("factor", a.shape, FACTOR_DTYPE, a.device)
+    m, d, s, q = _deflated(a, valid, FACTOR_DTYPE, out)
     chol, ok = _factor(m)  # m is consumed
     u = torch.zeros_like(q)
     converged, leaf, tried = torch.zeros_like(ok), torch.zeros_like(ok), torch.zeros_like(ok)
@@ -372,9 +399,13 @@ def _inverse_iteration(
         v = torch.linalg.qr(_project_out(_chol_solve(cw, v), qlow)).Q
     vw = torch.linalg.qr(_project_out(v.to(a.dtype), qw)).Q
     block = start.clone()
-    used = steps
+    used, k = steps, start.shape[-1]
+    known = None  # M times the first k columns of the basis vw, when known
     while work.numel():
-        theta, ritz, resid = _rayleigh_ritz(_apply_deflated(aw, rw, qw, vw), vw)
+        mv = _apply_deflated(aw, rw, qw, vw if known is None else vw[..., k:])
+        mv = mv if known is None else torch.cat([known, mv], dim=-1)
+        theta, ritz, known = _rayleigh_ritz(mv, vw, k)
+        resid = known - ritz * theta[:, None, :]  # (W, n, k)
         first = resid[..., 0].norm(dim=-1)  # theta[:, 0] >= lambda_2
         target = torch.clamp(rtol * (theta[:, 1] - theta[:, 0]), min=atol)
         done = first <= target
@@ -400,9 +431,14 @@ def _inverse_iteration(
             cw[rows], sw[rows] = factor[better], shift[better]
         if 2 * int(live.sum()) <= len(work):  # compact once at most half the regions still iterate
             work, aw, vaw, cw, rw, qw, sw = (x[live] for x in (work, aw, vaw, cw, rw, qw, sw))
-            ritz, resid = ritz[live], resid[live]
-        correction = _chol_solve(cw, resid.to(low)).to(a.dtype)
-        vw = torch.linalg.qr(_project_out(ritz - correction, qw)).Q
+            ritz, resid, known = ritz[live], resid[live], known[live]
+        # the next basis: the Ritz vectors and their corrections P^-1 (M x - x theta), made
+        # orthogonal to them (twice, for full accuracy) and to q; with an exact P this span
+        # holds the inverse iteration step x - M^-1 (M x - x theta) = theta M^-1 x
+        extra = _project_out(_chol_solve(cw, resid.to(low)).to(a.dtype), qw)
+        for _ in range(2):
+            extra = extra - ritz @ (ritz.transpose(-1, -2) @ extra)
+        vw = torch.cat([ritz, torch.linalg.qr(extra).Q], dim=-1)
         used += 1
     return u, converged, leaf, block, d, s
 
@@ -416,21 +452,23 @@ def fiedler_vectors(
     max_steps: int = 40,
     rtol: float = 1e-8,
     atol: float = 1e-13,
+    workspace: NCutWorkspace | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """y = D^-1/2 u2 of (I - D^-1/2 A D^-1/2) for zero-padded (R, n, n) regions -> (y, d, leaf, block).
 
     With `start` (R, n, k) the iterative solver runs (full eigh where it does not converge),
     `leaf` marks regions proven to have lambda_2 > tau and `block` (R, n, k) holds the final Ritz
     vectors; without it every region uses a full eigh (block None). y (R, n) is sign-flipped so its
-    largest |y| is positive; d (R, n) are the degrees.
+    largest |y| is positive; d (R, n) are the degrees. `workspace` lends the (R, n, n) temporaries.
     """
     leaf, block = torch.zeros_like(valid[:, 0]), None
     if start is None:
-        lap, d, s = _normalized_laplacian(a, valid)
+        out = None if workspace is None else workspace.get("laplacian", a.shape, a.dtype, a.device)
+        lap, d, s = _normalized_laplacian(a, valid, out=out)
         u = _eigenvector(lap, valid, 1)  # padded eigenvalues sit above, at 3
     else:
         u, converged, leaf, block, d, s = _inverse_iteration(
-            a, valid, start, tau, first_steps, max_steps, rtol, atol
+            a, valid, start, tau, first_steps, max_steps, rtol, atol, workspace
         )
         redo = (~converged & ~leaf).nonzero()[:, 0]
         if redo.numel():  # q's eigenvalue sits above, at 4: the smallest is lambda_2
@@ -458,7 +496,9 @@ def _eigenvector(mats: Tensor, valid: Tensor, index: int) -> Tensor:
     return out
 
 
-def best_split(y: Tensor, a: Tensor, d: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+def best_split(
+    y: Tensor, a: Tensor, d: Tensor, valid: Tensor, workspace: NCutWorkspace | None = None
+) -> tuple[Tensor, Tensor]:
     """min over the 100 thresholds of cut/assoc(y>t) + cut/assoc(y<=t) -> (best NCut (R,), y > t* (R, n)).
 
     Token i lies above threshold j exactly when j < bin_i, bin_i = #{j : t_j < y_i} (0..100).
@@ -475,12 +515,16 @@ def best_split(y: Tensor, a: Tensor, d: Tensor, valid: Tensor) -> tuple[Tensor, 
     bins = (y[:, :, None] > t[:, None, :]).sum(dim=-1)  # (R, n) in 0..100
     bins = torch.where(valid, bins, steps + 1)  # padding: a bin of its own, never counted
     # weight from each row to each column bin: (R, n, n) -> (R, n, 102)
-    by_bin = a.new_zeros(r, n, steps + 2).scatter_add_(2, bins[:, None, :].expand(r, n, n), a)
+    shape = (r, n, steps + 2)
+    by_bin = (
+        a.new_empty(shape) if workspace is None else workspace.get("bins", shape, a.dtype, a.device)
+    )
+    by_bin.zero_().scatter_add_(2, bins[:, None, :].expand(r, n, n), a)
     lower = by_bin[..., :steps].cumsum_(dim=-1)  # (R, n, 100): weight to {k : bin_k <= j}
     j = torch.arange(steps, device=y.device)
     above = bins[:, :, None] > j  # (R, n, 100); padding is in bin 101 but carries no weight
     above &= valid[:, :, None]
-    cut = (lower * above).sum(dim=1)  # (R, 100)
+    cut = lower.mul_(above).sum(dim=1)  # (R, 100)
     deg = a.new_zeros(r, steps + 2).scatter_add_(1, bins, d)[:, : steps + 1]  # (R, 101)
     count = bins.new_zeros(r, steps + 2).scatter_add_(1, bins, valid.to(bins.dtype))[:, : steps + 1]
     assoc_rest = deg.cumsum(dim=-1)[:, :steps]  # (R, 100): degree of {bin <= j}
@@ -500,7 +544,7 @@ def _bucket_size(n: int) -> int:
     return -(-n // SIZE_STEP) * SIZE_STEP
 
 
-def _split_regions(w: Tensor, regions: list, start: Tensor, tau: float):
+def _split_regions(w: Tensor, regions: list, start: Tensor, tau: float, workspace: NCutWorkspace):
     """Best 2-way cut of each (image, path, token ids, warm start) region -> (best NCut, positive, block)."""
     r, n, full = len(regions), max(len(reg[2]) for reg in regions), w.shape[-1]
     valid = torch.zeros(r, n, dtype=torch.bool, device=w.device)
@@ -510,7 +554,7 @@ def _split_regions(w: Tensor, regions: list, start: Tensor, tau: float):
     elif n == full:
         a = w.index_select(0, torch.tensor(images, device=w.device))
     else:
-        a = torch.empty(r, n, n, dtype=w.dtype, device=w.device)
+        a = workspace.get("affinity", (r, n, n), w.dtype, w.device)
     iterative = n > (DIRECT_MAX_SIZE if _scipy_lapack(w) else EIGH_MAX_SIZE)
     block = None  # (R, n, k) starts of the iterative solver; the direct solver needs none
     if iterative:
@@ -527,14 +571,14 @@ def _split_regions(w: Tensor, regions: list, start: Tensor, tau: float):
             a[i, :m, m:] = 0.0
             a[i, m:] = 0.0
     warm_all = all(reg[3] is not None for reg in regions)
-    y, d, leaf, block = fiedler_vectors(
-        a, valid, block, tau, WARM_STEPS if warm_all else FIRST_STEPS
-    )
+    steps = WARM_STEPS if warm_all else FIRST_STEPS
+    y, d, leaf, block = fiedler_vectors(a, valid, block, tau, steps, workspace=workspace)
     best = torch.full_like(y[:, 0], float("inf"))
     positive = torch.zeros_like(valid)
     todo = (~leaf).nonzero()[:, 0]
     if todo.numel():
-        best[todo], positive[todo] = best_split(*(_rows(x, todo) for x in (y, a, d, valid)))
+        rows = (_rows(x, todo) for x in (y, a, d, valid))
+        best[todo], positive[todo] = best_split(*rows, workspace=workspace)
     return best, positive, block
 
 
@@ -543,21 +587,29 @@ def batched_recursive_ncut(
     tau: float = 0.5,
     alpha: float = 10.0,
     max_batch_elements: int = 1 << 25,
+    workspace: NCutWorkspace | None = None,
 ) -> Tensor:
-    """Recursive NCut of (B, N, C) tokens, all pending regions of all images at once -> (B, N) ids."""
+    """Recursive NCut of (B, N, C) tokens, all pending regions of all images at once -> (B, N) ids.
+
+    `workspace` keeps the large buffers between calls (pass the same one for every batch of a
+    stream: the memory is then first touched once, not once per batch); a fresh one by default.
+    """
     if features.ndim != 3:
         raise ValueError(
             f"batched_recursive_ncut expects (B, N, C) features, got shape {tuple(features.shape)}"
         )
     b, n, _ = features.shape
-    w = torch.empty(b, n, n, dtype=torch.float64, device=features.device)
+    workspace = NCutWorkspace() if workspace is None else workspace
+    w = workspace.get("affinities", (b, n, n), torch.float64, features.device)
     with _single_threaded_scipy(w):
         for i, f in enumerate(features):
             affinity_matrix(f, alpha, out=w[i])  # computed per image: same bits in any batch
-        return _recursive_splits(w, tau, max_batch_elements).to(features.device)
+        return _recursive_splits(w, tau, max_batch_elements, workspace).to(features.device)
 
 
-def _recursive_splits(w: Tensor, tau: float, max_batch_elements: int) -> Tensor:
+def _recursive_splits(
+    w: Tensor, tau: float, max_batch_elements: int, workspace: NCutWorkspace
+) -> Tensor:
     """The rounds of `batched_recursive_ncut` on (B, N, N) affinities -> (B, N) ids."""
     b, n, _ = w.shape
     gen = torch.Generator().manual_seed(0)
@@ -576,7 +628,7 @@ def _recursive_splits(w: Tensor, tau: float, max_batch_elements: int) -> Tensor:
             chunk = max(1, max_batch_elements // (size * size))
             for lo in range(0, len(regions), chunk):
                 group = regions[lo : lo + chunk]
-                best, positive, block = _split_regions(w, group, start, tau)
+                best, positive, block = _split_regions(w, group, start, tau, workspace)
                 split = (best < tau).tolist()  # one device sync per batch
                 for i, (img, path, idx, _) in enumerate(group):
                     if not split[i]:

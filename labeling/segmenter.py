@@ -34,7 +34,7 @@ from labeling.diffcut import (
     encode_empty_prompt,
     tiny_sdxl_components,
 )
-from labeling.ncut import batched_recursive_ncut
+from labeling.ncut import NCutWorkspace, batched_recursive_ncut
 from labeling.pamr import DEFAULT_DILATIONS, DEFAULT_ITERATIONS, pamr
 
 MIN_SIDE = 32  # the 32 x 32 token grid needs at least one pixel per token
@@ -192,6 +192,7 @@ class DiffCutSegmenter(Segmenter):
         self.pamr_max_side = opts["pamr_max_side"]
         if opts["max_pixels"] is not None:
             self.max_pixels = opts["max_pixels"]
+        self._ncut_workspace = NCutWorkspace()  # the cut's large buffers, reused batch after batch
 
     def identity(self) -> dict[str, Any]:
         ex = self.extractor
@@ -214,7 +215,9 @@ class DiffCutSegmenter(Segmenter):
                  for t in tensors]
             )  # fmt: skip
             tokens = self.extractor(batch)  # (B, h*w, C)
-            labels = batched_recursive_ncut(tokens, self.tau, self.alpha)  # (B, h*w)
+            labels = batched_recursive_ncut(
+                tokens, self.tau, self.alpha, workspace=self._ncut_workspace
+            )  # (B, h*w)
             for img, image, feats, lab in zip(tensors, chunk, tokens, labels, strict=True):
                 if (image == image[:1, :1]).all():  # a uniform image has a single region
                     maps.append(np.zeros(image.shape[:2], dtype=np.uint16))

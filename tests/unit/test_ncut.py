@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import labeling.ncut as ncut_module
 from labeling.ncut import (
+    NCutWorkspace,
     _apply_deflated,
     _chol_solve,
     _deflated,
@@ -277,3 +278,19 @@ def test_bad_shapes_are_refused():
         recursive_ncut(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="B, N, C"):
         batched_recursive_ncut(torch.randn(3, 4))
+
+
+def test_a_kept_workspace_gives_the_same_labels_batch_after_batch():
+    feats = structured(3, grid=24, seed=1)
+    workspace = NCutWorkspace()
+    first = batched_recursive_ncut(feats, workspace=workspace)
+    one = batched_recursive_ncut(feats[1:2], workspace=workspace)  # smaller: buffers reused
+    again = batched_recursive_ncut(feats, workspace=workspace)
+    expected = torch.stack([reference_recursive_ncut(f) for f in feats])
+    assert torch.equal(first, expected)
+    assert torch.equal(again, expected)
+    assert torch.equal(one[0], expected[1])
+    big = workspace.get("role", (4, 5), torch.float64, torch.device("cpu"))
+    small = workspace.get("role", (2, 3), torch.float64, torch.device("cpu"))
+    assert small.data_ptr() == big.data_ptr() and small.shape == (2, 3)
+    assert workspace.get("role", (2, 3), torch.float32, torch.device("cpu")).dtype == torch.float32
