@@ -56,7 +56,7 @@ DIRECT_MAX_SIZE = 320  # regions up to this many tokens use LAPACK's one-vector 
 EIGH_MAX_SIZE = 64  # without it (torch.linalg), a batched full eigh up to this many tokens
 BLOCK_SIZE = 12  # vectors per region in the block inverse iteration
 REFACTOR_STEPS = 8  # a new shifted Cholesky costs about this many inverse-iteration steps
-FIRST_STEPS = 4  # inverse-iteration steps before the first convergence check
+FIRST_STEPS = 3  # inverse-iteration steps before the first convergence check
 WARM_STEPS = 2  # the same when every region starts from its parent's Ritz vectors
 CPU_SCIPY_LAPACK = True  # False: CPU tensors use torch.linalg like other devices
 GRAM_BLOCK = 128  # rows per block of the affinity's F F^T
@@ -238,9 +238,22 @@ def _deflated(
 def _apply_deflated(a: Tensor, s: Tensor, q: Tensor, v: Tensor) -> Tensor:
     """M v from the affinities, without M: v - D^-1/2 A D^-1/2 v + 4 q q^T v, padded rows 3 v -> (R, n, k)."""
     diag = torch.where(s > 0, 1.0, PAD_EIGENVALUE).to(v.dtype)[:, :, None]  # s is 0 only on padding
-    av = a @ (s[:, :, None] * v)  # (R, n, n) x (R, n, k) -> (R, n, k)
+    av = _symmetric_product(a, s[:, :, None] * v)  # (R, n, n) x (R, n, k) -> (R, n, k)
     mv = diag * v - s[:, :, None] * av
     return mv.baddbmm_(q[:, :, None], q[:, None, :] @ v, alpha=DEFLATION_SHIFT)
+
+
+def _symmetric_product(a: Tensor, v: Tensor) -> Tensor:
+    """A v for symmetric (R, n, n) A and skinny (R, n, k) v -> (R, n, k).
+
+    On the CPU (SciPy path) it is computed as (v^T A)^T with NumPy's OpenBLAS, whose kernels
+    stream a wide right-hand matrix faster than torch's BLAS streams A for a skinny product
+    (about 1.2 against 1.4 ms at n = 1024, k = 12, float64).
+    """
+    if not _scipy_lapack(a):
+        return a @ v
+    vt = v.transpose(-1, -2).contiguous().numpy()  # (R, k, n)
+    return torch.from_numpy(np.matmul(vt, a.numpy())).transpose(-1, -2)
 
 
 def _rayleigh_ritz(mv: Tensor, v: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -566,8 +579,8 @@ def _split_regions(w: Tensor, regions: list, start: Tensor, tau: float, workspac
             block[i, :m] = start[idx]
             if warm is not None:  # the parent's Ritz vectors on these tokens, plus one fixed column
                 block[i, :m, 1:] = warm
-        if n != full:  # one gather of W[idx][:, idx] from the flat matrix; zero only the padding
-            a[i, :m, :m] = w[img].view(-1).take(idx[:, None] * full + idx[None, :])
+        if n != full:  # one gather of W[idx][:, idx]; zero only the padding
+            a[i, :m, :m] = w[img][idx[:, None], idx]
             a[i, :m, m:] = 0.0
             a[i, m:] = 0.0
     warm_all = all(reg[3] is not None for reg in regions)
