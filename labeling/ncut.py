@@ -579,8 +579,10 @@ def _split_regions(w: Tensor, regions: list, start: Tensor, tau: float, workspac
             block[i, :m] = start[idx]
             if warm is not None:  # the parent's Ritz vectors on these tokens, plus one fixed column
                 block[i, :m, 1:] = warm
-        if n != full:  # one gather of W[idx][:, idx]; zero only the padding
-            a[i, :m, :m] = w[img][idx[:, None], idx]
+        if n != full:  # W[idx][:, idx]: whole rows first, then the columns straight into A
+            rows = workspace.get("rows", (m, full), w.dtype, w.device)
+            torch.index_select(w[img], 0, idx, out=rows)
+            torch.gather(rows, 1, idx[None, :].expand(m, m), out=a[i, :m, :m])
             a[i, :m, m:] = 0.0
             a[i, m:] = 0.0
     warm_all = all(reg[3] is not None for reg in regions)
