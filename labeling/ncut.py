@@ -16,8 +16,9 @@ a Python loop over thresholds). `batched_recursive_ncut` gives the same partitio
 - larger regions: block inverse iteration on M = L + 4 q q^T (q = D^1/2 1 / |.|, the
   null vector moved out of the way). M is built and factored in float32; a few plain steps with
   that factor find the low invariant subspace, then each float64 Rayleigh-Ritz check (products
-  M v from the float64 affinities) is followed by the correction x <- x - P^-1 (M x - x theta),
-  whose error shrinks with the residual, so the vectors reach float64 accuracy. A vector is
+  M v from the float64 affinities) is followed by corrections P^-1 (M x - x theta) of the two
+  lowest Ritz vectors x, which join the next basis (a Davidson step); their error shrinks with
+  the residual, so the Fiedler vector reaches float64 accuracy. A vector is
   accepted only when its float64 residual is below 1e-8 of the gap to the next Ritz value (else
   a full `eigh` is used). Children start from their parent's Ritz vectors; a slowly converging
   region is refactored at a shift towards lambda_2;
@@ -62,6 +63,7 @@ CPU_SCIPY_LAPACK = True  # False: CPU tensors use torch.linalg like other device
 GRAM_BLOCK = 128  # rows per block of the affinity's F F^T
 FACTOR_DTYPE = torch.float32  # M is factored in this precision; residuals stay float64
 MIN_SHIFT_GAP = 1e-4  # lambda_2 - sigma kept above this, where float32 solves stay accurate
+CORRECTED = 2  # Ritz vectors whose corrections join the basis (the Fiedler vector and the next)
 SIZE_STEP = 64  # larger regions are zero-padded up to a multiple of this to share a batch
 
 
@@ -388,10 +390,12 @@ def _inverse_iteration(
     smallest eigenvector is the Fiedler vector u2. M is built and factored in float32 (half the
     memory traffic of float64, and LAPACK runs about twice as fast), and `steps` plain inverse
     iteration steps with that factor P find the low invariant subspace to float32 accuracy. Each
-    further step is a float64 Rayleigh-Ritz check, products M v taken from the float64
-    affinities, followed by a correction x <- x - P^-1 (M x - x theta) of every Ritz vector: with
-    an exact P that is an inverse iteration step, and with float32's P its error shrinks with the
-    residual, so the vectors converge to float64 accuracy (the residual test is in float64).
+    further step is a float64 Rayleigh-Ritz check on the basis, products M v taken from the
+    float64 affinities (and kept for the Ritz vectors), followed by the corrections
+    P^-1 (M x - x theta) of the lowest Ritz vectors, which join the Ritz vectors in the next
+    basis: with an exact P that span holds an inverse iteration step, and with float32's P the
+    error shrinks with the residual, so the Fiedler vector converges to float64 accuracy (the
+    residual test is in float64).
     A region whose predicted convergence is slow is refactored at a shift sigma < lambda_2 (a
     successful Cholesky of M - sigma I proves sigma < lambda_2); `leaf` marks regions proven to
     have lambda_2 > tau by a float64 Cholesky of M - tau I: every NCut is >= lambda_2, so such a
@@ -445,10 +449,11 @@ def _inverse_iteration(
         if 2 * int(live.sum()) <= len(work):  # compact once at most half the regions still iterate
             work, aw, vaw, cw, rw, qw, sw = (x[live] for x in (work, aw, vaw, cw, rw, qw, sw))
             ritz, resid, known = ritz[live], resid[live], known[live]
-        # the next basis: the Ritz vectors and their corrections P^-1 (M x - x theta), made
-        # orthogonal to them (twice, for full accuracy) and to q; with an exact P this span
-        # holds the inverse iteration step x - M^-1 (M x - x theta) = theta M^-1 x
-        extra = _project_out(_chol_solve(cw, resid.to(low)).to(a.dtype), qw)
+        # the next basis: the Ritz vectors and the corrections P^-1 (M x - x theta) of the first
+        # CORRECTED ones, made orthogonal to them (twice, for full accuracy) and to q; with an
+        # exact P this span holds the inverse iteration step x - M^-1 (M x - x theta) = theta
+        # M^-1 x. Correcting all k converges no faster: the others only need float32 accuracy.
+        extra = _project_out(_chol_solve(cw, resid[..., :CORRECTED].to(low)).to(a.dtype), qw)
         for _ in range(2):
             extra = extra - ritz @ (ritz.transpose(-1, -2) @ extra)
         vw = torch.cat([ritz, torch.linalg.qr(extra).Q], dim=-1)
