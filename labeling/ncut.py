@@ -530,10 +530,9 @@ def best_split(
     lo = torch.where(valid, y, inf[:, None]).amin(dim=-1)
     hi = torch.where(valid, y, -inf[:, None]).amax(dim=-1)
     t = thresholds(THRESHOLD_SCALE * lo, THRESHOLD_SCALE * hi)  # (R, 100)
-    if bool((t[:, 1:] >= t[:, :-1]).all()):  # always, unless rounding breaks ties of a flat y
-        bins = torch.searchsorted(t, y.contiguous())  # (R, n) in 0..100: #{j : t_j < y_i}
-    else:
-        bins = (y[:, :, None] > t[:, None, :]).sum(dim=-1)
+    # t is sorted (each half is monotone, and the halves meet in order even after rounding), so a
+    # binary search counts #{j : t_j < y_i} exactly
+    bins = torch.searchsorted(t, y.contiguous())  # (R, n) in 0..100
     bins = torch.where(valid, bins, steps + 1)  # padding: a bin of its own, never counted
     # weight from each row to each column bin: (R, n, n) -> (R, n, 102)
     shape = (r, n, steps + 2)

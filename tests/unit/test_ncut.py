@@ -88,6 +88,51 @@ def test_hand_example_best_split():
     assert positive.tolist() == [[True, True, False, False]]
 
 
+def loop_best_split(y: torch.Tensor, a: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The reference's threshold loop on one region -> (best NCut, y > t*)."""
+    d = a.sum(dim=1)
+    best, best_x = float("inf"), None
+    lo, hi = 0.99 * y.min().item(), 0.99 * y.max().item()
+    for t in thresholds(torch.tensor([lo], dtype=y.dtype), torch.tensor([hi], dtype=y.dtype))[0]:
+        x = y > t
+        if x.any() and not x.all():
+            cut = a[x][:, ~x].sum()
+            ncut = (cut / d[x].sum() + cut / d[~x].sum()).item()
+            if ncut < best:
+                best, best_x = ncut, x
+    return best, best_x
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e-15], ids=["wide", "tiny"])
+def test_best_split_equals_the_threshold_loop(spread):
+    g = torch.Generator().manual_seed(4)
+    n = 120
+    a = torch.rand(n, n, generator=g, dtype=torch.float64) ** 4
+    a = (a + a.T) / 2
+    y = spread * torch.randn(3, n, generator=g, dtype=torch.float64)
+    t = thresholds(0.99 * y.amin(dim=1), 0.99 * y.amax(dim=1))
+    assert (t[:, 1:] >= t[:, :-1]).all()  # bins are found by binary search
+    valid = torch.ones(3, n, dtype=torch.bool)
+    valid[2, 100:] = False
+    batch = torch.stack([a, a, a])
+    batch[2, 100:], batch[2, :, 100:] = 0.0, 0.0
+    best, positive = best_split(y, batch, batch.sum(dim=2), valid)
+    for r in range(3):
+        m = int(valid[r].sum())
+        ref_best, ref_x = loop_best_split(y[r, :m], batch[r, :m, :m])
+        assert best[r].item() == pytest.approx(ref_best, rel=1e-12)
+        assert torch.equal(positive[r, :m], ref_x) and not positive[r, m:].any()
+
+
+def test_thresholds_are_sorted_even_a_few_ulps_apart():
+    centre = torch.tensor([1.0, -3.0, 1e-300, 7.5], dtype=torch.float64)
+    for ulps in range(0, 200, 7):
+        lo = centre - ulps * torch.finfo(torch.float64).eps * centre.abs()
+        hi = centre + ulps * torch.finfo(torch.float64).eps * centre.abs() * 0.37
+        t = thresholds(lo, hi)
+        assert (t[:, 1:] >= t[:, :-1]).all(), ulps
+
+
 def test_thresholds_match_linspace():
     lo = torch.tensor([-0.3, -1.7, 0.0], dtype=torch.float64)
     hi = torch.tensor([0.8, 2.2, 1e-3], dtype=torch.float64)
