@@ -64,6 +64,7 @@ GRAM_BLOCK = 128  # rows per block of the affinity's F F^T
 FACTOR_DTYPE = torch.float32  # M is factored in this precision; residuals stay float64
 MIN_SHIFT_GAP = 1e-4  # lambda_2 - sigma kept above this, where float32 solves stay accurate
 CORRECTED = 2  # Ritz vectors whose corrections join the basis (the Fiedler vector and the next)
+ROW_BIN_MIN_SIZE = 256  # larger regions group the rows by bin before summing the cuts
 SIZE_STEP = 64  # larger regions are zero-padded up to a multiple of this to share a batch
 
 
@@ -521,8 +522,11 @@ def best_split(
 
     Token i lies above threshold j exactly when j < bin_i, bin_i = #{j : t_j < y_i} (0..100).
     The affinities are first summed per (row, column bin), one pass over A; prefix sums over the
-    bins then give every row's weight to each threshold's lower side, so cut_j is a sum of
-    non-negative terms (no cancellation) and costs O(n^2 + 100 n) instead of O(100 n^2).
+    column bins then give each row's weight to {bin <= j}, and cut_j adds those of the rows in
+    bins > j: for larger regions after grouping the rows by bin too (suffix sums over 102 row
+    bins instead of masked sums over n rows). Every cut is a sum of non-negative terms (no
+    cancellation; an empty bin adds exact zeros, so thresholds that cut the same sets get the
+    same value), and the cost is O(n^2 + 100 n) instead of O(100 n^2).
     """
     r, n = y.shape
     steps = NUM_THRESHOLDS
@@ -540,11 +544,16 @@ def best_split(
         a.new_empty(shape) if workspace is None else workspace.get("bins", shape, a.dtype, a.device)
     )
     by_bin.zero_().scatter_add_(2, bins[:, None, :].expand(r, n, n), a)
-    lower = by_bin[..., :steps].cumsum_(dim=-1)  # (R, n, 100): weight to {k : bin_k <= j}
-    j = torch.arange(steps, device=y.device)
-    above = bins[:, :, None] > j  # (R, n, 100); padding is in bin 101 but carries no weight
-    above &= valid[:, :, None]
-    cut = lower.mul_(above).sum(dim=1)  # (R, 100)
+    if n > ROW_BIN_MIN_SIZE:  # weight from each row bin to each column bin: (R, 102, 102)
+        pairs = a.new_zeros(r, steps + 2, steps + 2)
+        pairs.scatter_add_(1, bins[:, :, None].expand(r, n, steps + 2), by_bin)
+        lower = pairs[:, :, :steps].cumsum(dim=2)  # (R, 102, 100): to column bins <= j
+        from_above = lower.flip(1).cumsum(dim=1).flip(1)  # (R, 102, 100): from row bins >= b
+        cut = from_above[:, 1 : steps + 1].diagonal(dim1=1, dim2=2)  # (R, 100): row bins > j
+    else:
+        lower = by_bin[..., :steps].cumsum_(dim=-1)  # (R, n, 100): weight to {k : bin_k <= j}
+        above = bins[:, :, None] > torch.arange(steps, device=y.device)  # (R, n, 100)
+        cut = lower.mul_(above).sum(dim=1)  # (R, 100); padding rows (bin 101) carry no weight
     deg = a.new_zeros(r, steps + 2).scatter_add_(1, bins, d)[:, : steps + 1]  # (R, 101)
     count = bins.new_zeros(r, steps + 2).scatter_add_(1, bins, valid.to(bins.dtype))[:, : steps + 1]
     assoc_rest = deg.cumsum(dim=-1)[:, :steps]  # (R, 100): degree of {bin <= j}

@@ -103,19 +103,20 @@ def loop_best_split(y: torch.Tensor, a: torch.Tensor) -> tuple[float, torch.Tens
     return best, best_x
 
 
+@pytest.mark.parametrize("n", [120, 300], ids=["rows-summed", "rows-binned"])
 @pytest.mark.parametrize("spread", [1.0, 1e-15], ids=["wide", "tiny"])
-def test_best_split_equals_the_threshold_loop(spread):
+def test_best_split_equals_the_threshold_loop(spread, n):
+    assert (n > ncut_module.ROW_BIN_MIN_SIZE) == (n == 300)
     g = torch.Generator().manual_seed(4)
-    n = 120
     a = torch.rand(n, n, generator=g, dtype=torch.float64) ** 4
     a = (a + a.T) / 2
     y = spread * torch.randn(3, n, generator=g, dtype=torch.float64)
     t = thresholds(0.99 * y.amin(dim=1), 0.99 * y.amax(dim=1))
     assert (t[:, 1:] >= t[:, :-1]).all()  # bins are found by binary search
     valid = torch.ones(3, n, dtype=torch.bool)
-    valid[2, 100:] = False
+    valid[2, n - 20 :] = False
     batch = torch.stack([a, a, a])
-    batch[2, 100:], batch[2, :, 100:] = 0.0, 0.0
+    batch[2, n - 20 :], batch[2, :, n - 20 :] = 0.0, 0.0
     best, positive = best_split(y, batch, batch.sum(dim=2), valid)
     for r in range(3):
         m = int(valid[r].sum())
