@@ -11,17 +11,18 @@ Times are wall-clock and process CPU time (the better of --repeats runs each, in
 other jobs on a shared machine inflate wall-clock time.
 
 Measured on a shared 2-core AMD EPYC (AVX-512), torch 2.14.1 with MKL, SciPy 1.17 with OpenBLAS,
-one thread:
-    python benchmarks/bench_ncut.py --batch 16 --threads 1 --repeats 2
-    reference 13.8-14.4 s, batched 1.67-1.80 s (113-122 segments/s): 7.7x-8.6x over three runs,
-    identical label maps 16/16 (204 segments). With --torch-linalg (no SciPy LAPACK; the path
-    other devices take) 7.2x, 16/16. Seeds 1-4, tau 0.4 and 0.6, C=256 with alpha 8, B=8:
-    6.7x-8.9x, all identical.
-Of the batched ~1.7 s: the affinity (F F^T, which the reference pays too) ~0.33, the float32
-Cholesky factorisations ~0.2, their solves ~0.19, the float64 products M v ~0.18, the direct
-one-vector eigensolver on small regions ~0.15, threshold scoring ~0.17; the rest is gathering
-sub-affinities and per-region bookkeeping. Every large pass over a (n, n) matrix is bound by
-memory bandwidth here (~6 GB/s per core), which is why float32 factors pay off.
+one thread, the workspace kept across calls as the segmenter keeps it:
+    python benchmarks/bench_ncut.py --batch 16 --threads 1 --repeats 3
+    reference 13.8-14.9 s, batched 1.33-1.50 s (136-153 segments/s): 9.9x-10.5x over three
+    runs, identical label maps 16/16 (204 segments). Seeds 1-4: 10.1x-11.0x; tau 0.4 / 0.6:
+    10.3x / 10.4x; C=256 with alpha 8: 11.3x; all identical. --fresh-workspace (every call
+    allocates and first-touches its memory again) 9.2x; --torch-linalg (no SciPy; the path other
+    devices take) 8.5x.
+Of the batched ~1.35 s: the affinity (F F^T by BLAS syrk, which the reference pays too) ~0.3,
+the float32 Cholesky factorisations ~0.2, their solves ~0.16, the direct one-vector eigensolver on
+small regions ~0.14, threshold scoring ~0.15 (half of it the one scatter over each A), the
+float64 products M v ~0.11, gathering sub-affinities ~0.08, building M ~0.05; the rest is
+Rayleigh-Ritz, QR and per-region bookkeeping.
 """
 
 from __future__ import annotations

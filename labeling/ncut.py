@@ -28,9 +28,11 @@ a Python loop over thresholds). `batched_recursive_ncut` gives the same partitio
   tokens), a batched full `eigh` elsewhere (up to 64);
 - the 100 thresholds are scored at once: affinities summed per (row, threshold bin), then prefix
   sums over the bins give every cut with no cancellation, O(n^2) instead of O(100 n^2).
-On the CPU, Cholesky, its solves and the direct eigensolver go through SciPy's LAPACK
-(`CPU_SCIPY_LAPACK`); other devices use torch.linalg. The sign rule and the first-minimum rule
-make both versions choose alike.
+On the CPU, F F^T (BLAS syrk), Cholesky, its solves, the skinny products and the direct
+eigensolver go through SciPy/NumPy's OpenBLAS (`CPU_SCIPY_LAPACK`), held to one thread during the
+call (its idle threads would spin against torch's); other devices use torch. The large buffers
+live in an `NCutWorkspace`, which a caller keeps across batches so that their memory is
+first-touched once. The sign rule and the first-minimum rule make both versions choose alike.
 """
 
 from __future__ import annotations
