@@ -308,7 +308,7 @@ def _scipy_lapack(x: Tensor) -> bool:
 
 @functools.cache
 def _blas_controller() -> ThreadpoolController:
-    """The BLAS libraries loaded in this process (SciPy's among them), found once."""
+    """The BLAS libraries loaded with this module (SciPy's and NumPy's, which the solver calls), found once."""
     return ThreadpoolController()
 
 

@@ -176,11 +176,15 @@ def test_affinity_matches_the_formula_and_fills_a_given_buffer(monkeypatch, scip
 
 
 def test_scipy_blas_runs_one_thread_inside_the_solver(monkeypatch):
-    # idle OpenBLAS threads spin and take the cores from torch's: the solver pins SciPy to one
-    from threadpoolctl import threadpool_info, threadpool_limits
+    # idle OpenBLAS threads spin and take the cores from torch's: the solver pins the BLAS
+    # libraries it calls (SciPy's and NumPy's, loaded with it) to one thread, then restores them
+    from threadpoolctl import threadpool_limits
+
+    controlled = ncut_module._blas_controller().select(user_api="blas")
+    assert controlled.lib_controllers  # SciPy's BLAS at least
 
     def blas_threads() -> set[int]:
-        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+        return {lib["num_threads"] for lib in controlled.info()}
 
     seen = []
     original = ncut_module._cpu_chol_solve
