@@ -428,9 +428,12 @@ def _inverse_iteration(
         resid = known - ritz * theta[:, None, :]  # (W, n, k)
         first = resid[..., 0].norm(dim=-1)  # theta[:, 0] >= lambda_2
         target = torch.clamp(rtol * (theta[:, 1] - theta[:, 0]), min=atol)
-        done = first <= target
-        u[work], converged[work], block[work] = ritz[..., 0], done, ritz
-        leaf[work] |= done & (theta[:, 0] - first > tau * (1 + 1e-9))
+        unsettled = ~converged[work]  # an accepted vector is kept; until compaction it rides along
+        done = (first <= target) | ~unsettled
+        rows = work[unsettled]
+        u[rows], block[rows] = ritz[unsettled, :, 0], ritz[unsettled]
+        converged[rows] = done[unsettled]
+        leaf[rows] |= done[unsettled] & (theta[unsettled, 0] - first[unsettled] > tau * (1 + 1e-9))
         test = ~done & (theta[:, 0] > tau) & ~tried[work]
         if test.any():  # one float64 Cholesky of M - tau I decides lambda_2 > tau
             mt = _deflated(aw[test], vaw[test])[0]
@@ -459,7 +462,10 @@ def _inverse_iteration(
         extra = _project_out(_chol_solve(cw, resid[..., :CORRECTED].to(low)).to(a.dtype), qw)
         for _ in range(2):
             extra = extra - ritz @ (ritz.transpose(-1, -2) @ extra)
-        vw = torch.cat([ritz, torch.linalg.qr(extra).Q], dim=-1)
+        extra = torch.linalg.qr(extra).Q
+        vw = torch.cat([ritz, extra], dim=-1)
+        if (ritz.transpose(-1, -2) @ extra).abs().amax() > 1e-8:  # a correction inside span(x)
+            vw, known = torch.linalg.qr(vw).Q, None  # any orthonormal basis; all of M v anew
         used += 1
     return u, converged, leaf, block, d, s
 

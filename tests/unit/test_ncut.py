@@ -344,3 +344,28 @@ def test_a_kept_workspace_gives_the_same_labels_batch_after_batch():
     small = workspace.get("role", (2, 3), torch.float64, torch.device("cpu"))
     assert small.data_ptr() == big.data_ptr() and small.shape == (2, 3)
     assert workspace.get("role", (2, 3), torch.float32, torch.device("cpu")).dtype == torch.float32
+
+
+def test_corrections_inside_the_ritz_span_still_give_the_reference(monkeypatch):
+    # zero corrections: their QR is not orthogonal to the Ritz vectors, so the basis is rebuilt
+    # (Rayleigh-Ritz always gets orthonormal columns); the iteration then stalls and the full
+    # eigh takes over, with the reference's partitions
+    original_solve, original_ritz = ncut_module._chol_solve, ncut_module._rayleigh_ritz
+    gram_errors = []
+
+    def solve(chol, v):
+        out = original_solve(chol, v)
+        return torch.zeros_like(out) if v.shape[-1] == ncut_module.CORRECTED else out
+
+    def ritz(mv, v, k):
+        eye = torch.eye(v.shape[-1], dtype=v.dtype)
+        gram_errors.append(float((v.transpose(-1, -2) @ v - eye).abs().max()))
+        return original_ritz(mv, v, k)
+
+    monkeypatch.setattr(ncut_module, "_chol_solve", solve)
+    monkeypatch.setattr(ncut_module, "_rayleigh_ritz", ritz)
+    monkeypatch.setattr(ncut_module, "DIRECT_MAX_SIZE", 64)
+    feats = structured(2, grid=16, seed=3)
+    expected = torch.stack([reference_recursive_ncut(f) for f in feats])
+    assert torch.equal(batched_recursive_ncut(feats), expected)
+    assert len(gram_errors) > 4 and max(gram_errors) < 1e-10
