@@ -78,9 +78,41 @@ def affinity_matrix(features: Tensor, alpha: float = 10.0, out: Tensor | None = 
     TF32 matmul settings); the normalisation and the power run in float64, in place in `out`
     (an (N, N) float64 tensor, allocated when not given).
     """
+    return _minmax_power(_mirror_lower(_lower_gram(_unit_rows(features))), alpha, out)
+
+
+def _unit_rows(features: Tensor) -> Tensor:
+    """(N, C) rows L2-normalised in the Gram's precision: float32 on the CPU, float64 on a GPU."""
     dtype = torch.float64 if features.is_cuda else torch.float32
-    sim = _gram(F.normalize(features.to(dtype), dim=-1))  # (N, N)
-    n = sim.shape[0]
+    return F.normalize(features.to(dtype), dim=-1)
+
+
+def _lower_gram(feats: Tensor, out: Tensor | None = None) -> Tensor:
+    """The lower triangle of F F^T for (N, C) rows, in `out` when given -> (N, N); the rest is not set.
+
+    On the CPU, BLAS's symmetric rank-k update (`syrk`, through SciPy) computes it; elsewhere each
+    row block of GRAM_BLOCK rows is multiplied only with the rows up to its own end. Either way
+    nearly half of the products are skipped.
+    """
+    n = feats.shape[0]
+    out = feats.new_empty(n, n) if out is None else out
+    if _scipy_lapack(feats) and feats.dtype in (torch.float32, torch.float64):
+        syrk = blas.ssyrk if feats.dtype == torch.float32 else blas.dsyrk
+        x = feats.contiguous().numpy()  # (N, C) row-major: x.T is (C, N) column-major
+        c = out.numpy().T  # the upper triangle of column-major C is the lower one of row-major
+        result = syrk(1.0, x.T, beta=0.0, c=c, trans=1, lower=0, overwrite_c=True)
+        if not np.shares_memory(result, c):  # cannot happen for a contiguous `out`
+            c[...] = result
+        return out
+    for lo in range(0, n, GRAM_BLOCK):
+        hi = min(lo + GRAM_BLOCK, n)
+        out[lo:hi, :hi] = feats[lo:hi] @ feats[:hi].T  # (b, C) x (C, hi) -> (b, hi)
+    return out
+
+
+def _minmax_power(sim: Tensor, alpha: float, out: Tensor | None = None) -> Tensor:
+    """minmax(sim) ** alpha in float64, written in `out` (allocated when not given) -> (N, N)."""
+    n = sim.shape[-1]
     w = torch.empty(n, n, dtype=torch.float64, device=sim.device) if out is None else out
     lo, hi = (x.double() for x in torch.aminmax(sim))  # exact: float32 widens to float64 exactly
     w.copy_(sim)
@@ -88,30 +120,6 @@ def affinity_matrix(features: Tensor, alpha: float = 10.0, out: Tensor | None = 
         return w.fill_(1.0)
     # (sim - lo) / (hi - lo) lies in [0, 1] without clamping: rounding is monotonic
     return _power_(w.sub_(lo).div_(hi - lo), alpha)
-
-
-def _gram(feats: Tensor) -> Tensor:
-    """F F^T of (N, C) rows -> (N, N), exactly symmetric.
-
-    On the CPU, BLAS's symmetric rank-k update (`syrk`, through SciPy) computes one triangle;
-    elsewhere each row block of GRAM_BLOCK rows is multiplied only with the rows up to its own
-    end. Either way nearly half of the products are skipped and the other triangle is mirrored.
-    """
-    n = feats.shape[0]
-    if _scipy_lapack(feats) and feats.dtype in (torch.float32, torch.float64):
-        syrk = blas.ssyrk if feats.dtype == torch.float32 else blas.dsyrk
-        x = feats.contiguous().numpy()  # (N, C) row-major: x.T is (C, N) column-major
-        # C = x x^T, upper triangle of the column-major result = lower triangle row-major
-        out = torch.from_numpy(syrk(1.0, x.T, trans=1, lower=0).T)
-        _mirror_lower(out)
-        return out
-    if n <= 2 * GRAM_BLOCK:
-        return feats @ feats.T
-    out = feats.new_empty(n, n)
-    for lo in range(0, n, GRAM_BLOCK):
-        hi = min(lo + GRAM_BLOCK, n)
-        out[lo:hi, :hi] = feats[lo:hi] @ feats[:hi].T  # (b, C) x (C, hi) -> (b, hi)
-    return _mirror_lower(out)
 
 
 def _mirror_lower(x: Tensor) -> Tensor:
@@ -640,9 +648,15 @@ def batched_recursive_ncut(
     b, n, _ = features.shape
     workspace = NCutWorkspace() if workspace is None else workspace
     w = workspace.get("affinities", (b, n, n), torch.float64, features.device)
+    grams = None
+    for i, f in enumerate(features):  # per image, as affinity_matrix: same bits in any batch
+        unit = _unit_rows(f)
+        if grams is None:
+            grams = workspace.get("grams", (b, n, n), unit.dtype, unit.device)
+        _lower_gram(unit, out=grams[i])  # back to back, with as many BLAS threads as it has
     with _single_threaded_scipy(w):
-        for i, f in enumerate(features):
-            affinity_matrix(f, alpha, out=w[i])  # computed per image: same bits in any batch
+        for i in range(b):
+            _minmax_power(_mirror_lower(grams[i]), alpha, out=w[i])
         return _recursive_splits(w, tau, max_batch_elements, workspace).to(features.device)
 
 
