@@ -11,13 +11,16 @@ Times are wall-clock and process CPU time (the better of --repeats runs each, in
 other jobs on a shared machine inflate wall-clock time.
 
 Measured on a shared 2-core AMD EPYC (AVX-512), torch 2.14.1 with MKL, SciPy 1.17 with OpenBLAS,
-one thread, the workspace kept across calls as the segmenter keeps it:
+the workspace kept across calls as the segmenter keeps it. One thread:
     python benchmarks/bench_ncut.py --batch 16 --threads 1 --repeats 3
-    reference 13.8-14.9 s, batched 1.33-1.50 s (136-153 segments/s): 9.9x-10.5x over three
-    runs, identical label maps 16/16 (204 segments). Seeds 1-4: 10.1x-11.0x; tau 0.4 / 0.6:
-    10.3x / 10.4x; C=256 with alpha 8: 11.3x; all identical. --fresh-workspace (every call
-    allocates and first-touches its memory again) 9.2x; --torch-linalg (no SciPy; the path other
-    devices take) 8.5x.
+    reference 13.5-15.5 s, batched 1.25-1.46 s (140-163 segments/s): 10.3x-11.6x over six runs,
+    identical label maps 16/16 (204 segments). With --repeats 2: seeds 1-4 9.5x-11.2x, tau 0.4
+    9.5x-10.3x, tau 0.6 10.3x-10.4x, C=256 with alpha 8 11.3x-12.6x (two sweeps); --torch-linalg
+    (no SciPy; the path other devices take) 8.5x; --fresh-workspace 9.2x-10.4x; all identical.
+    Both threads (no --threads): reference 10.3-10.7 s, batched 1.23-1.29 s: 8.3x-8.4x. The
+    reference's large full eigh uses the second core inside LAPACK; the batched solver's many
+    small LAPACK calls cannot (OpenBLAS at two threads makes it 2x slower), only its Gram
+    products and torch's operations do.
 Of the batched ~1.35 s: the affinity (F F^T by BLAS syrk, which the reference pays too) ~0.3,
 the float32 Cholesky factorisations ~0.2, their solves ~0.16, the direct one-vector eigensolver on
 small regions ~0.14, threshold scoring ~0.15 (half of it the one scatter over each A), the

@@ -29,8 +29,9 @@ a Python loop over thresholds). `batched_recursive_ncut` gives the same partitio
 - the 100 thresholds are scored at once: affinities summed per (row, threshold bin), then prefix
   sums over the bins give every cut with no cancellation, O(n^2) instead of O(100 n^2).
 On the CPU, F F^T (BLAS syrk), Cholesky, its solves, the skinny products and the direct
-eigensolver go through SciPy/NumPy's OpenBLAS (`CPU_SCIPY_LAPACK`), held to one thread during the
-call (its idle threads would spin against torch's); other devices use torch. The large buffers
+eigensolver go through SciPy/NumPy's OpenBLAS (`CPU_SCIPY_LAPACK`); other devices use torch. The
+batch's Gram products run first, back to back, on BLAS's own threads; the solver then holds
+that BLAS to one thread (its idle threads would spin against torch's). The large buffers
 live in an `NCutWorkspace`, which a caller keeps across batches so that their memory is
 first-touched once. The sign rule and the first-minimum rule make both versions choose alike.
 """
