@@ -189,23 +189,29 @@ def reference_recursive_ncut(features: Tensor, tau: float = 0.5, alpha: float = 
         s = d.rsqrt()
         lap = torch.eye(len(idx), dtype=a.dtype, device=a.device) - s[:, None] * a * s[None, :]
         y = flip_sign(s * torch.linalg.eigh(lap).eigenvectors[:, 1])
-        best, best_x = float("inf"), None
-        lo, hi = THRESHOLD_SCALE * y.min().item(), THRESHOLD_SCALE * y.max().item()
-        for t in torch.linspace(lo, hi, NUM_THRESHOLDS, dtype=y.dtype, device=y.device):
-            x = y > t
-            if not x.any() or x.all():
-                continue
-            assoc_a, assoc_b = d[x].sum(), d[~x].sum()
-            cut = a[x][:, ~x].sum()
-            ncut = (cut / assoc_a + cut / assoc_b).item()
-            if ncut < best:
-                best, best_x = ncut, x
+        best, best_x = reference_best_split(y, a, d)
         if best < tau:
             stack.append(((*path, 1), idx[~best_x]))
             stack.append(((*path, 0), idx[best_x]))
         else:
             leaves.append((path, idx))
     return _labels_from_leaves(leaves, n).to(features.device)
+
+
+def reference_best_split(y: Tensor, a: Tensor, d: Tensor) -> tuple[float, Tensor | None]:
+    """The reference's loop over the 100 thresholds of one region -> (best NCut, y > t*; None if no cut)."""
+    best, best_x = float("inf"), None
+    lo, hi = THRESHOLD_SCALE * y.min().item(), THRESHOLD_SCALE * y.max().item()
+    for t in torch.linspace(lo, hi, NUM_THRESHOLDS, dtype=y.dtype, device=y.device):
+        x = y > t
+        if not x.any() or x.all():
+            continue
+        assoc_a, assoc_b = d[x].sum(), d[~x].sum()
+        cut = a[x][:, ~x].sum()
+        ncut = (cut / assoc_a + cut / assoc_b).item()
+        if ncut < best:
+            best, best_x = ncut, x
+    return best, best_x
 
 
 def _normalized_laplacian(

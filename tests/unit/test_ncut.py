@@ -21,6 +21,7 @@ from labeling.ncut import (
     fiedler_vectors,
     flip_sign,
     recursive_ncut,
+    reference_best_split,
     reference_recursive_ncut,
     thresholds,
 )
@@ -88,21 +89,6 @@ def test_hand_example_best_split():
     assert positive.tolist() == [[True, True, False, False]]
 
 
-def loop_best_split(y: torch.Tensor, a: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """The reference's threshold loop on one region -> (best NCut, y > t*)."""
-    d = a.sum(dim=1)
-    best, best_x = float("inf"), None
-    lo, hi = 0.99 * y.min().item(), 0.99 * y.max().item()
-    for t in thresholds(torch.tensor([lo], dtype=y.dtype), torch.tensor([hi], dtype=y.dtype))[0]:
-        x = y > t
-        if x.any() and not x.all():
-            cut = a[x][:, ~x].sum()
-            ncut = (cut / d[x].sum() + cut / d[~x].sum()).item()
-            if ncut < best:
-                best, best_x = ncut, x
-    return best, best_x
-
-
 @pytest.mark.parametrize("n", [120, 300], ids=["rows-summed", "rows-binned"])
 @pytest.mark.parametrize("spread", [1.0, 1e-15], ids=["wide", "tiny"])
 def test_best_split_equals_the_threshold_loop(spread, n):
@@ -120,7 +106,8 @@ def test_best_split_equals_the_threshold_loop(spread, n):
     best, positive = best_split(y, batch, batch.sum(dim=2), valid)
     for r in range(3):
         m = int(valid[r].sum())
-        ref_best, ref_x = loop_best_split(y[r, :m], batch[r, :m, :m])
+        region = batch[r, :m, :m]
+        ref_best, ref_x = reference_best_split(y[r, :m], region, region.sum(dim=1))
         assert best[r].item() == pytest.approx(ref_best, rel=1e-12)
         assert torch.equal(positive[r, :m], ref_x) and not positive[r, m:].any()
 
