@@ -400,7 +400,7 @@ def _inverse_iteration(
     max_steps: int,
     rtol: float,
     atol: float,
-    workspace: NCutWorkspace | None = None,
+    workspace: NCutWorkspace,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Smallest eigenvectors of M = L + 4 q q^T by block inverse iteration -> (u, converged, leaf, block, d, D^-1/2).
 
@@ -420,7 +420,7 @@ def _inverse_iteration(
     region cannot split. `block` holds the final Ritz vectors (ascending), a good start for the
     regions' children.
     """
-    out = None if workspace is None else workspace.get("factor", a.shape, FACTOR_DTYPE, a.device)
+    out = workspace.get("factor", a.shape, FACTOR_DTYPE, a.device)
     m, d, s, q = _deflated(a, valid, FACTOR_DTYPE, out)
     chol, ok = _factor(m)  # m is consumed
     u = torch.zeros_like(q)
@@ -503,9 +503,10 @@ def fiedler_vectors(
     vectors; without it every region uses a full eigh (block None). y (R, n) is sign-flipped so its
     largest |y| is positive; d (R, n) are the degrees. `workspace` lends the (R, n, n) temporaries.
     """
+    workspace = NCutWorkspace() if workspace is None else workspace
     leaf, block = torch.zeros_like(valid[:, 0]), None
     if start is None:
-        out = None if workspace is None else workspace.get("laplacian", a.shape, a.dtype, a.device)
+        out = workspace.get("laplacian", a.shape, a.dtype, a.device)
         lap, d, s = _normalized_laplacian(a, valid, out=out)
         u = _eigenvector(lap, valid, 1)  # padded eigenvalues sit above, at 3
     else:
@@ -561,12 +562,10 @@ def best_split(
     # binary search counts #{j : t_j < y_i} exactly
     bins = torch.searchsorted(t, y.contiguous())  # (R, n) in 0..100
     bins = torch.where(valid, bins, steps + 1)  # padding: a bin of its own, never counted
+    workspace = NCutWorkspace() if workspace is None else workspace
     # weight from each row to each column bin: (R, n, n) -> (R, n, 102)
-    shape = (r, n, steps + 2)
-    by_bin = (
-        a.new_empty(shape) if workspace is None else workspace.get("bins", shape, a.dtype, a.device)
-    )
-    by_bin.zero_().scatter_add_(2, bins[:, None, :].expand(r, n, n), a)
+    by_bin = workspace.get("bins", (r, n, steps + 2), a.dtype, a.device).zero_()
+    by_bin.scatter_add_(2, bins[:, None, :].expand(r, n, n), a)
     if n > ROW_BIN_MIN_SIZE:  # weight from each row bin to each column bin: (R, 102, 102)
         pairs = a.new_zeros(r, steps + 2, steps + 2)
         pairs.scatter_add_(1, bins[:, :, None].expand(r, n, steps + 2), by_bin)
@@ -631,8 +630,8 @@ def _split_regions(w: Tensor, regions: list, start: Tensor, tau: float, workspac
     positive = torch.zeros_like(valid)
     todo = (~leaf).nonzero()[:, 0]
     if todo.numel():
-        rows = (_rows(x, todo) for x in (y, a, d, valid))
-        best[todo], positive[todo] = best_split(*rows, workspace=workspace)
+        subset = (_rows(x, todo) for x in (y, a, d, valid))
+        best[todo], positive[todo] = best_split(*subset, workspace=workspace)
     return best, positive, block
 
 
