@@ -173,19 +173,25 @@ def test_scipy_blas_runs_one_thread_inside_the_solver(monkeypatch):
     def blas_threads() -> set[int]:
         return {lib["num_threads"] for lib in controlled.info()}
 
-    seen = []
-    original = ncut_module._cpu_chol_solve
+    seen, in_grams = [], []
+    original_solve, original_gram = ncut_module._cpu_chol_solve, ncut_module._lower_gram
 
     def spy(chol, v):
         seen.append(blas_threads())
-        return original(chol, v)
+        return original_solve(chol, v)
+
+    def gram_spy(feats, out=None):  # the Gram products come first, on BLAS's own threads
+        in_grams.append(blas_threads())
+        return original_gram(feats, out)
 
     monkeypatch.setattr(ncut_module, "_cpu_chol_solve", spy)
+    monkeypatch.setattr(ncut_module, "_lower_gram", gram_spy)
     with threadpool_limits(2, user_api="blas"):  # OpenBLAS caps this at the cores it has
         before = blas_threads()
         labels = batched_recursive_ncut(structured(2, grid=24))
         assert blas_threads() == before  # restored afterwards
     assert seen and all(s == {1} for s in seen)
+    assert len(in_grams) == 2 and all(s == before for s in in_grams)
     assert torch.equal(
         labels, torch.stack([reference_recursive_ncut(f) for f in structured(2, grid=24)])
     )
