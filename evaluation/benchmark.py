@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from shared import storage
-from shared.backbones import load_backbone, save_backbone
+from shared.backbones import get_spec, load_backbone, save_backbone
 from shared.config import ConfigError, save_config
 
 from .bank import encoder_identity, npy_bytes, npy_load
@@ -96,34 +96,64 @@ def _finite(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def run_benchmark(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[dict]:
-    """Run every configured evaluation; writes config.yaml, results.json and results.md."""
-    save_config(cfg, storage.join(cfg.out, "config.yaml"))
-    names = list(PAPER_DATASETS) if cfg.datasets == ["all"] else cfg.datasets
+def check_encoders(cfg: EvalConfig) -> list[tuple[str, str]]:
+    """The (backbone, weights) pairs; each backbone registered, each weight file present."""
+    pairs = encoder_pairs(cfg)
+    for name, weights in pairs:
+        try:
+            get_spec(name)
+        except KeyError as exc:
+            raise ConfigError(str(exc.args[0])) from None
+        if weights not in ("hub", "random") and not storage.isfile(weights):
+            where = weights if "://" in weights else os.path.abspath(weights)
+            raise FileNotFoundError(f"backbone weight file not found: {weights} (looked at "
+                                    f"{where}; the other choices are 'hub' and 'random')")
+    return pairs
+
+
+def open_datasets(cfg: EvalConfig, names: list[str]) -> dict[str, tuple]:
+    """name -> (memory reader, query reader) for every dataset; the readers check their files."""
+    opened = {}
     for name in names:
         try:
             dataset_class(name)
         except KeyError as exc:
             raise ConfigError(str(exc.args[0])) from None
+        mem_name = memory_dataset_name(name)
+        opened[name] = (open_dataset(mem_name, _root(cfg, mem_name), "train"),
+                        open_dataset(name, _root(cfg, name), "val"))
+    return opened
+
+
+def run_benchmark(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[dict]:
+    """Run every configured evaluation; writes config.yaml, results.json and results.md.
+
+    Every input is checked (encoder names and weight files, data roots, each dataset's images
+    and targets) before anything is loaded or written.
+    """
+    names = list(PAPER_DATASETS) if cfg.datasets == ["all"] else cfg.datasets
+    pairs = check_encoders(cfg)
+    datasets = open_datasets(cfg, names)
+    save_config(cfg, storage.join(cfg.out, "config.yaml"))
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     records: list[dict] = []
-    for backbone_name, weights in encoder_pairs(cfg):
+    for backbone_name, weights in pairs:
         ref, backbone = prepare_encoder(backbone_name, weights, cfg, device)
         identity = encoder_identity(backbone)
         label = encoder_label(backbone_name, weights, cfg.tiny)
         size = cfg.input_size or backbone.spec.eval_input_size
         for name in names:
-            records += _evaluate_dataset(cfg, name, ref, backbone, identity, label, size,
-                                         device, log)
+            records += _evaluate_dataset(cfg, name, datasets[name], ref, backbone, identity,
+                                         label, size, device, log)
             write_results(cfg.out, records)
     return write_results(cfg.out, records)
 
 
-def _evaluate_dataset(cfg, name, ref, backbone, identity, label, size, device, log) -> list[dict]:
+def _evaluate_dataset(cfg, name, readers, ref, backbone, identity, label, size, device,
+                      log) -> list[dict]:
+    train, val = readers
     mem_name = memory_dataset_name(name)
     mem_root = _root(cfg, mem_name)
-    train = open_dataset(mem_name, mem_root, "train")
-    val = open_dataset(name, _root(cfg, name), "val")
     if cfg.max_val_images:
         val = val.subset(range(min(len(val), cfg.max_val_images)))
     positions = list(range(min(len(train), cfg.max_train_images or len(train))))

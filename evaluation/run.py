@@ -17,6 +17,33 @@ import typer
 from shared.config import ConfigError, deep_merge, load_config, parse_overrides
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=False)
+PROG = "evaluation.run"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, shown as one ``error:`` line with exit code 2.
+
+    ValueError covers the project's own input errors (ConfigError, DatasetLayoutError,
+    BankError, WeightsError, ImageDecodeError); FileNotFoundError a missing file or folder;
+    LabelSetError a missing, incomplete or foreign label set. Anything else is a bug or an outage
+    and keeps its traceback.
+    """
+    from shared.labelset import LabelSetError
+
+    return (ValueError, FileNotFoundError, LabelSetError)
+
+
+def error_line(exc: BaseException) -> str:
+    """``<prog>: error: <message>`` on one line: the message's own lines are joined with "; ",
+    and an OSError shows its message without the errno prefix."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, OSError) and exc.filename:
+        text = f"{text}: {exc.filename}"
+    lines = [" ".join(line.split()) for line in text.splitlines()]  # no alignment padding
+    head, *rest = [line for line in lines if line] or [repr(exc)]
+    if rest:
+        head += (" " if head.endswith(":") else "; ") + "; ".join(rest)
+    return f"{PROG}: error: {head}"
 
 
 def flags_to_overrides(backbone, weights, dataset, data_root, out, tiny, address) -> dict:
@@ -57,10 +84,8 @@ def main(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override key=value")] = None,
 ) -> None:
     """Evaluate encoders with the in-context (nearest-neighbour retrieval) benchmark."""
-    from evaluation.bank import BankError
     from evaluation.benchmark import run_benchmark
     from evaluation.config import EvalConfig
-    from evaluation.datasets import DatasetLayoutError
     from evaluation.report import markdown_table
 
     try:
@@ -68,13 +93,9 @@ def main(
             flags_to_overrides(backbone, weights, dataset, data_root, out, tiny, address),
             parse_overrides(set_ or []))
         cfg = load_config(EvalConfig, config, overrides)
-    except ConfigError as exc:
-        typer.echo(f"evaluation.run: {exc}", err=True)
-        raise typer.Exit(code=2) from None
-    try:
         rows = run_benchmark(cfg, log=lambda msg: typer.echo(msg, err=True))
-    except (ConfigError, DatasetLayoutError, BankError) as exc:
-        typer.echo(f"evaluation.run: {exc}", err=True)
+    except user_errors() as exc:  # bad input: say what, no traceback
+        typer.echo(error_line(exc), err=True)
         raise typer.Exit(code=2) from None
     typer.echo(markdown_table(rows))
 

@@ -16,6 +16,7 @@ torch state dict read with ``weights_only=True``), or nowhere (``None``: random 
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -318,14 +319,31 @@ def load_backbone(
     return backbone.to(device or _default_device()).eval()
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header in sorted key order, compact, space-padded.
+
+    safetensors writes the metadata map in hash order, which changes from call to call; sorted
+    keys (tensor names and metadata alike) make equal states give equal bytes. The data section
+    is untouched: its offsets are relative to its own start.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the data section 8-byte aligned, as safetensors does
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
+
+
 def save_backbone(backbone: Backbone | nn.Module, path: str | os.PathLike) -> None:
-    """Write the timm model's state dict as safetensors (loadable by load_backbone or plain timm)."""
+    """Write the timm model's state dict as safetensors (loadable by load_backbone or plain timm).
+
+    Equal weights give byte-identical files: sorted names, sorted metadata, no timestamps.
+    """
     uri = os.fspath(path)
     if not uri.endswith(".safetensors"):
         raise ValueError(f"backbone weights are saved as safetensors: {uri} must end .safetensors")
     model = backbone.model if isinstance(backbone, Backbone) else backbone
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in sorted(model.state_dict().items())}
     meta = {"format": "timm"}
     if isinstance(backbone, Backbone):
         meta.update(backbone=backbone.spec.name, timm_id=backbone.spec.timm_id)
-    storage.write_bytes(uri, safetensors_save(state, metadata=meta))
+    storage.write_bytes(uri, canonical_safetensors(safetensors_save(state, metadata=meta)))

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +22,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from shared import storage
-from shared.backbones import save_backbone
-from shared.config import save_config
+from shared.backbones import get_spec, save_backbone
+from shared.config import ConfigError, save_config
 from training.config import TrainConfig
 from training.episodes import (
     PairEpisodes,
@@ -35,9 +37,19 @@ from training.episodes import (
 )
 from training.model import DIPModel, build_model, task_loss
 
+log = logging.getLogger(__name__)
+
 # checkpoint keys that must agree with the config of a run resuming from it
 IDENTITY_KEYS = ("backbone", "tiny", "trainable_blocks", "head_hidden_mult", "head_dim", "seed",
                  "batch_size", "epochs", "base_lr", "weight_decay", "resize", "crop")
+# what a checkpoint holds, and the type of each entry
+CHECKPOINT_ENTRIES = {"step": int, "epoch": int, "model": dict, "optimizer": dict,
+                      "scheduler": dict, "rng": torch.Tensor, "identity": dict}
+CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be loaded (truncated, corrupt, not a checkpoint); names the file."""
 
 
 @dataclass
@@ -95,26 +107,103 @@ def checkpoint_dir(out: str) -> str:
     return storage.join(out, "checkpoints")
 
 
+def checkpoint_step(uri: str) -> int | None:
+    """The step number in a checkpoint's name (step_00000042.pt -> 42), None for other names."""
+    match = CHECKPOINT_NAME.fullmatch(uri.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(out: str) -> list[str]:
+    """URIs of the checkpoints under ``out``, oldest step first."""
+    found = [u for u in storage.ls(checkpoint_dir(out)) if checkpoint_step(u) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
 def latest_checkpoint(out: str) -> str | None:
-    """URI of the newest complete checkpoint under ``out`` (writes are atomic), or None."""
-    found = [u for u in storage.ls(checkpoint_dir(out)) if u.rsplit("/", 1)[-1].startswith("step_")]
-    return found[-1] if found else None  # zero-padded step numbers sort in order
+    """URI of the newest checkpoint under ``out`` (writes are atomic), or None."""
+    return (list_checkpoints(out) or [None])[-1]
 
 
 def save_checkpoint(out: str, state: dict, keep: int) -> str:
-    """torch.save ``state`` atomically to out/checkpoints/step_XXXXXXXX.pt; keep the newest ``keep``."""
+    """torch.save ``state`` atomically to out/checkpoints/step_XXXXXXXX.pt; keep the last ``keep``.
+
+    Checkpoints of later steps than this one are removed: resume takes the newest one that
+    loads, so a later one is one that could not be loaded, and counting it would prune good ones.
+    """
     uri = storage.join(checkpoint_dir(out), f"step_{state['step']:08d}.pt")
     buffer = io.BytesIO()
     torch.save(state, buffer)
     storage.write_bytes(uri, buffer.getvalue())
-    old = [u for u in storage.ls(checkpoint_dir(out)) if u.rsplit("/", 1)[-1].startswith("step_")]
-    for stale in old[:-keep]:
+    others = [u for u in list_checkpoints(out) if u != uri]
+    later = [u for u in others if checkpoint_step(u) > state["step"]]
+    earlier = [u for u in others if checkpoint_step(u) < state["step"]]
+    for stale in later:
+        log.warning("removing checkpoint %s: resume passed over it (it did not load), and this "
+                    "run has since written step %d", stale, state["step"])
+        storage.remove(stale)
+    for stale in earlier[: max(0, len(earlier) - (keep - 1))]:
         storage.remove(stale)
     return uri
 
 
+def _content_problem(state: object, step: int | None) -> str | None:
+    """What is wrong with a loaded checkpoint's content, or None when it has what resume needs."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a checkpoint dict"
+    if missing := [key for key in CHECKPOINT_ENTRIES if key not in state]:
+        return f"it lacks {', '.join(missing)}"
+    wrong = [f"{key} is a {type(state[key]).__name__}" for key, kind in CHECKPOINT_ENTRIES.items()
+             if not isinstance(state[key], kind)]
+    wrong += [f"model entry {name} is not a tensor" for name, value in state["model"].items()
+              if not isinstance(value, torch.Tensor)][:1]
+    if wrong:
+        return f"wrong entries: {'; '.join(wrong)}"
+    if step is not None and state["step"] != step:
+        return f"it holds step {state['step']} but its name says step {step}"
+    return None
+
+
+def _load_failure(data: bytes, exc: Exception) -> str:
+    """Why torch could not load ``data``, in one line (torch's own messages run to paragraphs)."""
+    if not data.startswith(b"PK\x03\x04"):
+        return "it is not the zip archive torch.save writes (empty or overwritten)"
+    detail = [line for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
+    first = (detail[0] if detail else str(exc)).strip().split(". ")[0]
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
 def load_checkpoint(uri: str) -> dict:
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    """A checkpoint read with ``weights_only=True``; CheckpointError names the file and cause."""
+    data = storage.read_bytes(uri)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated zip, a foreign pickle, ...: torch raises many kinds
+        raise CheckpointError(f"checkpoint {uri} ({len(data)} bytes) cannot be loaded: "
+                              f"{_load_failure(data, exc)}") from exc
+    if problem := _content_problem(state, checkpoint_step(uri)):
+        raise CheckpointError(f"checkpoint {uri} is not a training checkpoint: {problem}")
+    return state
+
+
+def resume_point(out: str) -> tuple[str, dict] | None:
+    """(URI, state) of the newest checkpoint under ``out`` that loads; None when there are none.
+
+    One that cannot be loaded is named in a warning and the one before it is tried. When none
+    loads, CheckpointError names them all: training from scratch would overwrite the metrics and
+    prune those files, so the choice is left to whoever owns the run.
+    """
+    failures = []
+    for uri in reversed(list_checkpoints(out)):
+        try:
+            return uri, load_checkpoint(uri)
+        except (CheckpointError, FileNotFoundError) as exc:  # gone since the listing: same thing
+            log.warning("%s; trying an earlier checkpoint", exc)
+            failures.append(str(exc))
+    if failures:
+        raise CheckpointError(f"cannot resume the run in {out}: no checkpoint loads "
+                              f"({'; '.join(failures)}); remove {checkpoint_dir(out)} to train "
+                              "from scratch, or use a new out")
+    return None
 
 
 def check_identity(cfg: TrainConfig, state: dict, uri: str, num_pairs: int) -> None:
@@ -170,7 +259,15 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def prepare(cfg: TrainConfig, rt: Runtime) -> tuple[PairEpisodes, int]:
     """Every input check that can fail, before any model is built; returns (data, total steps)."""
     if not cfg.labels or not cfg.out:
-        raise ValueError("training needs both a label set URI (labels) and an output URI (out)")
+        raise ConfigError("training needs both a label set URI (labels) and an output URI (out)")
+    try:
+        get_spec(cfg.backbone)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+    if cfg.weights not in (None, "hub") and not storage.isfile(cfg.weights):
+        where = cfg.weights if "://" in cfg.weights else os.path.abspath(cfg.weights)
+        raise FileNotFoundError(f"backbone weight file not found: {cfg.weights} "
+                                f"(looked at {where})")
     check_task_batch(cfg.micro_batch_size, cfg.num_distractors)
     cfg.accumulation_steps(rt.world_size)
     data = PairEpisodes(cfg.labels, cfg.resize, cfg.crop, cfg.cache_prepared, cfg.ignore_index)
@@ -210,10 +307,11 @@ def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
     optimizer, scheduler = make_optimizer(model, cfg, total_steps)
 
     start_step, rows = 0, []
-    resume_uri = latest_checkpoint(cfg.out)
-    if resume_uri is not None:
-        state = load_checkpoint(resume_uri)
+    resume = resume_point(cfg.out)
+    if resume is not None:
+        resume_uri, state = resume
         check_identity(cfg, state, resume_uri, len(data))
+        log.info("resuming from %s (step %d)", resume_uri, state["step"])
         model.load_trainable_state(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -13,6 +13,32 @@ import typer
 from training.config import TrainConfig
 
 app = typer.Typer(add_completion=False, help="DIP post-training of an encoder on a label set.")
+PROG = "training.run"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, shown as one ``error:`` line with exit code 2.
+
+    ValueError covers the project's own input errors (ConfigError, WeightsError, EpisodeError,
+    CheckpointError); FileNotFoundError a missing file or folder; LabelSetError a missing,
+    incomplete or foreign label set. Anything else is a bug or an outage and keeps its traceback.
+    """
+    from shared.labelset import LabelSetError
+
+    return (ValueError, FileNotFoundError, LabelSetError)
+
+
+def error_line(exc: BaseException) -> str:
+    """``<prog>: error: <message>`` on one line: the message's own lines are joined with "; ",
+    and an OSError shows its message without the errno prefix."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, OSError) and exc.filename:
+        text = f"{text}: {exc.filename}"
+    lines = [" ".join(line.split()) for line in text.splitlines()]  # no alignment padding
+    head, *rest = [line for line in lines if line] or [repr(exc)]
+    if rest:
+        head += (" " if head.endswith(":") else "; ") + "; ".join(rest)
+    return f"{PROG}: error: {head}"
 
 
 def resolve_config(
@@ -35,7 +61,9 @@ def local_device(use_gpu: bool):
     if torch.cuda.is_available():
         return torch.device("cuda")
     if use_gpu:
-        raise RuntimeError("--use-gpu was given but torch sees no CUDA device")
+        from shared.config import ConfigError
+
+        raise ConfigError("--use-gpu was given but torch sees no CUDA device")
     return torch.device("cpu")
 
 
@@ -84,10 +112,11 @@ def train_on_ray(cfg: TrainConfig):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from training.loop import Runtime, prepare
+    from training.loop import Runtime, prepare, resume_point
 
     workers = max(cfg.workers, 1)
     prepare(cfg, Runtime(world_size=workers))  # bad input fails here, before any worker starts
+    resume_point(cfg.out)  # so does a run none of whose checkpoints load
     if not ray.is_initialized():
         ray.init(address=cfg.address)
     storage_path, filesystem = ray_storage(cfg.out)
@@ -129,12 +158,10 @@ def main(
     """Post-train an encoder with DIP on a label set; writes the encoder to OUT/encoder.safetensors."""
     flags = {"backbone": backbone, "labels": labels, "out": out, "weights": weights, "tiny": tiny,
              "workers": workers, "address": address, "use_gpu": use_gpu}
-    from shared.labelset import LabelSetError
-
     try:
         result = run_training(resolve_config(config, overrides, flags))
-    except (ValueError, LabelSetError, FileNotFoundError) as exc:  # bad input: say what, no trace
-        typer.echo(f"error: {exc}", err=True)
+    except user_errors() as exc:  # bad input: say what, no traceback
+        typer.echo(error_line(exc), err=True)
         raise typer.Exit(2) from None
     typer.echo(f"done: {result}")
 

@@ -9,8 +9,8 @@ import numpy as np
 
 from shared import storage
 
-from .base import EvalDataset, nonempty, require
-from .cityscapes import CLASSES, LABEL_LUT, pair_by_suffix, target_index
+from .base import EvalDataset, complete, nonempty, require
+from .cityscapes import CLASSES, LABEL_LUT, pair_by_suffix, sibling_target, target_index
 
 CONDITIONS = ("fog", "night", "rain", "snow")
 LAYOUT = """  <root>/rgb_anon/<condition>/{train,val}/<sequence>/<name>_rgb_anon.png
@@ -33,9 +33,12 @@ class ACDC(EvalDataset):
             gt += storage.glob(storage.join(self.root, "gt", cond, split, "*", "*_gt_label*Ids.png"))
         train_ids = target_index(gt, "_gt_labelTrainIds.png")
         self.mapped = not train_ids
-        targets = train_ids or target_index(gt, "_gt_labelIds.png")
-        items = pair_by_suffix(sorted(images), "_rgb_anon.png", targets)
-        self.items = nonempty(items, self.root, self.name, split, LAYOUT)
+        suffix = "_gt_labelIds.png" if self.mapped else "_gt_labelTrainIds.png"
+        targets = train_ids or target_index(gt, suffix)
+        items = pair_by_suffix(sorted(images), "_rgb_anon.png", targets, lambda uri: sibling_target(
+            uri, "rgb_anon", "_rgb_anon.png", "gt", suffix))
+        self.items = complete(nonempty(items, self.root, self.name, split, LAYOUT), self.name,
+                              split)
 
     def convert_target(self, raw: np.ndarray) -> np.ndarray:
         return LABEL_LUT[raw] if self.mapped else raw

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import EvalDataset, descend, nonempty, paired_items, require
+from .base import EvalDataset, complete, descend, nonempty, paired_items, require
 
 CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
@@ -46,7 +46,8 @@ class ADE20K(EvalDataset):
         folder = self.splits[split]
         require(self.root, self.name, [f"images/{folder}", f"annotations/{folder}"], LAYOUT)
         items = paired_items(self.root, folder)
-        self.items = nonempty(items, self.root, self.name, folder, LAYOUT)
+        self.items = complete(nonempty(items, self.root, self.name, folder, LAYOUT), self.name,
+                              split)
 
     def convert_target(self, raw: np.ndarray) -> np.ndarray:
         return _LUT[raw]

@@ -76,6 +76,38 @@ def nonempty(items: list[Item], root: str, dataset: str, split: str, layout: str
     return items
 
 
+def missing_files(uris: Sequence[str]) -> list[str]:
+    """Those of ``uris`` that do not exist, in order; one listing per distinct parent folder."""
+    names: dict[str, set[str]] = {}
+    for uri in uris:
+        names.setdefault(uri.rsplit("/", 1)[0], set())
+    for parent in names:
+        names[parent] = {child.rsplit("/", 1)[-1] for child in storage.ls(parent)}
+    return [u for u in uris if u.rsplit("/", 1)[-1] not in names[u.rsplit("/", 1)[0]]]
+
+
+def _shown(uris: list[str], limit: int = 3) -> str:
+    more = f" and {len(uris) - limit} more" if len(uris) > limit else ""
+    return ", ".join(uris[:limit]) + more
+
+
+def complete(items: list[Item], dataset: str, split: str, target: str = "mask",
+             listed: bool = False) -> list[Item]:
+    """``items`` when every target file exists (and, if ``listed``, every image file: the ids
+    came from a split list, not a listing); else a one-line DatasetLayoutError that names the
+    first missing files and counts them. Checked up front so no evaluation dies halfway."""
+    if listed:
+        images = missing_files([item.image_uri for item in items])
+        if images:
+            raise DatasetLayoutError(f"{dataset}: {len(images)} of {len(items)} {split} images "
+                                     f"listed for the split are missing: {_shown(images)}")
+    targets = missing_files([item.target_uri for item in items])
+    if targets:
+        raise DatasetLayoutError(f"{dataset}: {len(targets)} of {len(items)} {split} images "
+                                 f"have no {target} file: {_shown(targets)}")
+    return items
+
+
 class EvalDataset:
     """Base reader. Subclasses set the class attributes and fill ``self.items`` in ``__init__``."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import EvalDataset, lut, nonempty, paired_items, require
+from .base import EvalDataset, complete, lut, nonempty, paired_items, require
 
 CLASSES = (
     "electronic", "appliance", "food", "furniture", "indoor", "kitchen", "accessory", "animal",
@@ -82,7 +82,8 @@ class CocoStuff27(EvalDataset):
         folder = self.splits[split]
         require(self.root, self.name, [f"images/{folder}", f"annotations/{folder}"], LAYOUT)
         items = paired_items(self.root, folder)
-        self.items = nonempty(items, self.root, self.name, folder, LAYOUT)
+        self.items = complete(nonempty(items, self.root, self.name, folder, LAYOUT), self.name,
+                              split)
         self._lut = lut(fine_to_coarse())
 
     def convert_target(self, raw: np.ndarray) -> np.ndarray:

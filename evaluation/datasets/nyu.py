@@ -11,7 +11,7 @@ import numpy as np
 from shared import storage
 from shared.images import decode_png
 
-from .base import EvalDataset, Item, nonempty, require
+from .base import EvalDataset, Item, complete, nonempty, require
 
 LAYOUT = """  <root>/official_splits/{train,test}/<scene>/rgb_<n>.jpg
   <root>/official_splits/{train,test}/<scene>/sync_depth_<n>.png  (uint16, millimetres)"""
@@ -40,7 +40,8 @@ class NYUv2Depth(EvalDataset):
             scene = folder_uri.rsplit("/", 1)[-1]
             items.append(Item(f"{scene}/{number}", uri,
                               storage.join(folder_uri, f"sync_depth_{number}.png")))
-        self.items = nonempty(items, self.root, self.name, folder, LAYOUT)
+        self.items = complete(nonempty(items, self.root, self.name, folder, LAYOUT), self.name,
+                              split, target="depth map")
 
     def load_target(self, index: int) -> np.ndarray:
         item = self.items[index]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from shared import storage
 
-from .base import EvalDataset, Item, descend, read_id_list, require
+from .base import EvalDataset, Item, complete, descend, read_id_list, require
 
 CLASSES = (
     "background", "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat",
@@ -35,8 +35,9 @@ class PascalContext(EvalDataset):
         require(self.root, self.name, ["JPEGImages", "SegmentationClassContext"], LAYOUT)
         ids = read_id_list(self.root, f"ImageSets/SegmentationContext/{split}.txt", self.name,
                            LAYOUT)
-        self.items = [
+        items = [
             Item(i, storage.join(self.root, "JPEGImages", f"{i}.jpg"),
                  storage.join(self.root, "SegmentationClassContext", f"{i}.png"))
             for i in ids
         ]
+        self.items = complete(items, self.name, split, listed=True)

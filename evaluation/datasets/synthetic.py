@@ -5,7 +5,7 @@ from __future__ import annotations
 from shared import storage
 from shared.synthetic import CLASS_NAMES
 
-from .base import DatasetLayoutError, EvalDataset, Item, nonempty, require
+from .base import DatasetLayoutError, EvalDataset, Item, complete, nonempty, require
 
 LAYOUT = """  <root>/classes.json              {"classes": [...], "ignore_index": 255}
   <root>/images/{train,val}/<id>.jpg
@@ -32,4 +32,5 @@ class SyntheticScenes(EvalDataset):
             image_id = uri.rsplit("/", 1)[-1][: -len(".jpg")]
             items.append(Item(image_id, uri, storage.join(self.root, "masks", split,
                                                           f"{image_id}.png")))
-        self.items = nonempty(items, self.root, self.name, split, LAYOUT)
+        self.items = complete(nonempty(items, self.root, self.name, split, LAYOUT), self.name,
+                              split)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from shared import storage
 
-from .base import EvalDataset, Item, descend, read_id_list, require
+from .base import EvalDataset, Item, complete, descend, read_id_list, require
 
 CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -35,8 +35,9 @@ class PascalVOC(EvalDataset):
             rel, masks = "ImageSets/Segmentation/val.txt", "SegmentationClass"
         require(self.root, self.name, ["JPEGImages", masks], LAYOUT)
         ids = read_id_list(self.root, rel, self.name, LAYOUT)
-        self.items = [
+        items = [
             Item(i, storage.join(self.root, "JPEGImages", f"{i}.jpg"),
                  storage.join(self.root, masks, f"{i}.png"))
             for i in ids
         ]
+        self.items = complete(items, self.name, split, listed=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,6 +89,22 @@ def test_bad_input_is_reported(tmp_path):
     assert no_root.exit_code == 2 and "data_roots.ade20k" in no_root.output
     unknown = _invoke(["--tiny", "--dataset", "imagenet", "--out", str(tmp_path / "o3")])
     assert unknown.exit_code == 2 and "known datasets" in unknown.output
+
+
+def test_a_missing_mask_exits_2_with_one_line_before_any_work(tmp_path):
+    data = write_synthetic_dataset(str(tmp_path / "data"), num_train=4, num_val=2, size=(32, 32))
+    gone = storage.join(data, "masks", "train", "000002.png")
+    storage.remove(gone)
+    out = str(tmp_path / "out")
+    done = subprocess.run(
+        [sys.executable, "-m", "evaluation.run", "--tiny", "--dataset", "synthetic",
+         "--data-root", data, "--out", out, *FAST], capture_output=True, text=True, timeout=120,
+        cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (f"evaluation.run: error: synthetic: 1 of 4 train images have "
+                                   f"no mask file: {gone}")
+    assert done.stdout == ""
+    assert not storage.exists(out)  # nothing loaded, nothing written
 
 
 def test_encoder_pairs():

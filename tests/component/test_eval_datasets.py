@@ -197,3 +197,80 @@ def test_empty_split_list_and_unknown_split(tmp_path):
         open_dataset("voc", root, "test")
     with pytest.raises(KeyError, match="known datasets"):
         open_dataset("imagenet", root, "val")
+
+
+def _depth_png(uri: str) -> None:
+    storage.write_bytes(uri, encode_png(np.full((H, W), 1500, dtype=np.uint16)))
+
+
+def _write_val_split(root: str, name: str) -> list[str]:
+    """Three val images with their targets in ``name``'s layout; returns the target URIs."""
+    j = storage.join
+    ids = ["a", "b", "c"]
+    if name == "synthetic":
+        write_synthetic_dataset(root, num_train=1, num_val=3, size=(H, W))
+        return storage.glob(j(root, "masks/val/*.png"))
+    layouts = {  # name -> (image path, target path); {} is the image id
+        "voc": ("JPEGImages/{}.jpg", "SegmentationClass/{}.png"),
+        "pcontext": ("JPEGImages/{}.jpg", "SegmentationClassContext/{}.png"),
+        "ade20k": ("images/validation/{}.jpg", "annotations/validation/{}.png"),
+        "cocostuff": ("images/val2017/{}.jpg", "annotations/val2017/{}.png"),
+        "cityscapes": ("leftImg8bit/val/aachen/{}_leftImg8bit.png",
+                       "gtFine/val/aachen/{}_gtFine_labelTrainIds.png"),
+        "acdc": ("rgb_anon/fog/val/GOPR0475/{}_rgb_anon.png",
+                 "gt/fog/val/GOPR0475/{}_gt_labelTrainIds.png"),
+        "nyu": ("official_splits/test/bathroom/rgb_{}.jpg",
+                "official_splits/test/bathroom/sync_depth_{}.png"),
+    }
+    image_path, target_path = layouts[name]
+    lists = {"voc": "ImageSets/Segmentation/val.txt",
+             "pcontext": "ImageSets/SegmentationContext/val.txt"}
+    if name in lists:
+        storage.write_text(j(root, lists[name]), "\n".join(ids) + "\n")
+    targets = []
+    for seed, image_id in enumerate(ids):
+        image_uri = j(root, image_path.format(image_id))
+        (_rgb_png if image_uri.endswith(".png") else _jpg)(image_uri, seed)
+        targets.append(j(root, target_path.format(image_id)))
+        if name == "nyu":
+            _depth_png(targets[-1])
+        else:
+            _mask(targets[-1], [1])
+    return targets
+
+
+DATASET_NAMES = ["voc", "pcontext", "ade20k", "cocostuff", "cityscapes", "acdc", "nyu",
+                 "synthetic"]
+
+
+@pytest.mark.parametrize("name", DATASET_NAMES)
+def test_a_missing_target_fails_at_open_naming_the_file(root, name):
+    targets = _write_val_split(root, name)
+    assert len(open_dataset(name, root, "val")) == 3  # complete: opens
+    storage.remove(targets[1])
+    with pytest.raises(DatasetLayoutError) as err:
+        open_dataset(name, root, "val")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{name}: 1 of 3 val images have no ")
+    assert message.endswith(targets[1]), message
+    storage.remove(targets[2])
+    assert "2 of 3" in str(pytest.raises(DatasetLayoutError, open_dataset, name, root, "val").value)
+
+
+def test_a_listed_image_that_is_missing_is_named(root):
+    _write_val_split(root, "voc")
+    gone = storage.join(root, "JPEGImages/b.jpg")
+    storage.remove(gone)
+    with pytest.raises(DatasetLayoutError, match="1 of 3 val images listed for the split are "
+                                                 "missing") as err:
+        open_dataset("voc", root, "val")
+    assert str(err.value).endswith(gone)
+
+
+def test_targets_are_found_under_a_relative_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    targets = _write_val_split("data", "cityscapes")
+    assert len(open_dataset("cityscapes", "data", "val")) == 3
+    storage.remove(targets[0])
+    with pytest.raises(DatasetLayoutError, match="aachen/a_gtFine_labelTrainIds.png"):
+        open_dataset("cityscapes", "data", "val")

@@ -1,8 +1,10 @@
 """Training runs on a tiny model and a small synthetic label set: the loss goes down, a crashed run
-resumes to the same weights, bad input fails before training, the CLI, and Ray Train on 2 workers."""
+resumes to the same weights (also past a truncated checkpoint), bad input fails before training,
+the CLI, and Ray Train on 2 workers."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -17,7 +19,7 @@ from shared.backbones import load_backbone
 from shared.labelset import LabelSetError, LabelSetWriter
 from training.config import TrainConfig
 from training.episodes import EpisodeError
-from training.loop import latest_checkpoint, load_checkpoint, train
+from training.loop import latest_checkpoint, list_checkpoints, load_checkpoint, train
 from training.run import app, run_training
 
 
@@ -99,6 +101,76 @@ def test_resume_after_a_crash_reaches_the_same_weights(tmp_path, synthetic_label
     # a checkpoint from another configuration is refused by name
     with pytest.raises(ValueError, match="seed"):
         train(tiny_config(labels, broken, **changes, seed=1))
+
+
+@pytest.mark.slow
+def test_a_truncated_newest_checkpoint_resumes_from_the_one_before(tmp_path, synthetic_labelset,
+                                                                  caplog):
+    labels = build_labelset(synthetic_labelset, str(tmp_path / "data"), 32)
+    # 2 steps per epoch, 3 epochs: checkpoints at steps 2, 4, 6, the last 2 kept
+    changes = dict(batch_size=16, epochs=3, cache_prepared=True, deterministic=True)
+    whole = str(tmp_path / "whole")
+    train(tiny_config(labels, whole, **changes))
+
+    def crash_at_5(step, model):
+        if step == 5:
+            raise Crash("killed after step 5")
+
+    broken = str(tmp_path / "broken")
+    with pytest.raises(Crash):
+        train(tiny_config(labels, broken, **changes), on_step=crash_at_5)
+    names = [u.rsplit("/", 1)[-1] for u in list_checkpoints(broken)]
+    assert names == ["step_00000002.pt", "step_00000004.pt"]
+    newest = list_checkpoints(broken)[-1]
+    data = storage.read_bytes(newest)
+    storage.write_bytes(newest, data[: len(data) // 2])  # a write cut short by the crash
+
+    ran = []
+    with caplog.at_level(logging.WARNING, logger="training.loop"):
+        resumed = train(tiny_config(labels, broken, **changes),
+                        on_step=lambda step, _: ran.append(step))
+    assert resumed.step == 6 and ran == [3, 4, 5, 6]  # from step 2, the one before the bad file
+    warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "step_00000004.pt" in warning and "cannot be loaded" in warning, warning
+    a = load_checkpoint(latest_checkpoint(whole))
+    b = load_checkpoint(latest_checkpoint(broken))
+    assert a["step"] == b["step"] == 6
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert [load_checkpoint(u)["step"] for u in list_checkpoints(broken)] == [4, 6]  # rewritten
+    loss_a = storage.read_parquet(storage.join(whole, "metrics.parquet")).column("loss").to_pylist()
+    loss_b = storage.read_parquet(storage.join(broken, "metrics.parquet")).column("loss").to_pylist()
+    assert loss_a == loss_b and len(loss_a) == 6
+    # the same weights export to the same bytes
+    assert storage.read_bytes(storage.join(whole, "encoder.safetensors")) == \
+        storage.read_bytes(storage.join(broken, "encoder.safetensors"))
+
+
+@pytest.mark.parametrize("where", ["in process", "on Ray"])
+def test_no_loadable_checkpoint_fails_in_one_line_naming_the_files(where, tmp_path,
+                                                                  synthetic_labelset):
+    labels = build_labelset(synthetic_labelset, str(tmp_path / "data"), 16)
+    out = str(tmp_path / "run")
+    for step in (1, 2):
+        storage.write_bytes(storage.join(out, "checkpoints", f"step_{step:08d}.pt"), b"PK\x03\x04")
+    args = ["--backbone", "vits14", "--tiny", "--labels", labels, "--out", out,
+            "--set", "batch_size=16", "--set", "micro_batch_size=8", "--set", "loader_workers=0",
+            "--set", "resize=64", "--set", "crop=56", "--set", "head_dim=16"]
+    if where == "on Ray":  # the driver checks before Ray (or any worker) starts
+        args += ["--workers", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    error = [line for line in lines if line.startswith("training.run: error:")]
+    assert len(error) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "step_00000001.pt" in error[0] and "step_00000002.pt" in error[0]
+    assert "no checkpoint loads" in error[0]
+    assert [u.rsplit("/", 1)[-1] for u in list_checkpoints(out)] == ["step_00000001.pt",
+                                                                     "step_00000002.pt"]
+    if where == "on Ray":
+        import ray
+
+        assert not ray.is_initialized()
 
 
 @pytest.mark.parametrize("case", ["missing", "incomplete", "ghost image", "small batch"])
