@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+
 import pyarrow as pa
 import pytest
 
 from shared import storage
 
 pytestmark = pytest.mark.integration
+
+# what moto accepts; the stalled endpoint never checks them
+FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def test_round_trip_and_listing(storage_root):
@@ -116,3 +125,151 @@ def test_s3_unreachable_endpoint_is_retried_then_named(s3_bucket, monkeypatch):
             check(uri)
     monkeypatch.undo()
     assert storage.read_bytes(uri) == b"here"  # the real endpoint again
+
+
+# --------------------------------------------------------------------------- bounded timeouts
+
+
+@contextlib.contextmanager
+def stalled_endpoint(lifetime: float = 30.0):
+    """An endpoint on 127.0.0.1 that accepts connections and never answers; yields (url, conns)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)
+    accepted: list[socket.socket] = []
+    done = threading.Event()
+
+    def serve():
+        end = time.monotonic() + lifetime  # stops by itself even if the test never returns
+        while not done.is_set() and time.monotonic() < end:
+            try:
+                accepted.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", accepted
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        for conn in accepted:
+            conn.close()
+        server.close()
+
+
+def _bounds(monkeypatch, **values):
+    for name, value in values.items():
+        monkeypatch.setenv(f"DIP_STORAGE_{name.upper()}", str(value))
+
+
+@pytest.mark.parametrize("attempts, deadline", [
+    (2, 6.0),  # the attempts run out first
+    (20, 3.0),  # the deadline runs out first
+])
+def test_stalled_endpoint_fails_within_the_configured_bound(monkeypatch, attempts, deadline):
+    for key, value in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    _bounds(monkeypatch, connect_timeout=1, read_timeout=1 if attempts == 2 else 0.5,
+            attempts=attempts, deadline=deadline, base_delay=0.05)
+    bound = storage.worst_case_seconds()
+    assert bound <= deadline
+    with stalled_endpoint() as (url, accepted):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        start = time.monotonic()
+        with pytest.raises(storage.StorageError, match="s3://bucket/key") as info:
+            storage.read_bytes("s3://bucket/key")
+        elapsed = time.monotonic() - start
+    assert elapsed <= bound + 1.5  # the margin: client start-up and a loaded machine
+    if attempts == 2:
+        assert len(accepted) == 2  # each attempt one connection: no hidden retries
+    else:
+        assert 1 <= len(accepted) < attempts
+    assert storage.is_environment_error(info.value)
+    assert "timeout" in str(info.value).lower()
+
+
+# --------------------------------------------------------------------------- fault proxy
+
+
+@pytest.fixture
+def proxied(s3_bucket, s3_proxy, monkeypatch):
+    """Three objects in a fresh bucket, then the environment pointing at the fault proxy."""
+    uris = [storage.join(s3_bucket, "images", f"img00{i}.jpg") for i in (1, 2, 3)]
+    for uri in uris:
+        storage.write_bytes(uri, uri.encode())
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_proxy.endpoint)
+    _bounds(monkeypatch, attempts=3, base_delay=0.01, connect_timeout=2, read_timeout=2)
+    return s3_proxy, uris
+
+
+def test_proxy_passes_everything_through(s3_bucket, s3_proxy, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_proxy.endpoint)
+    folder = storage.join(s3_bucket, "via", "proxy")
+    payload = bytes(range(256)) * 300
+    storage.write_bytes(storage.join(folder, "a.bin"), payload)
+    storage.write_json(storage.join(folder, "sub", "b.json"), {"k": 1})
+    assert storage.read_bytes(storage.join(folder, "a.bin")) == payload
+    assert storage.size(storage.join(folder, "a.bin")) == len(payload)
+    assert storage.find(folder) == [storage.join(folder, "a.bin"),
+                                    storage.join(folder, "sub", "b.json")]
+    storage.remove(folder, recursive=True)
+    assert not storage.exists(storage.join(folder, "a.bin"))
+    assert s3_proxy.count(method="PUT") == 2 and s3_proxy.count(method="GET") >= 2
+    assert s3_proxy.faulted == 0
+
+
+@pytest.mark.parametrize("code", ["ServiceUnavailable", "SlowDown"])
+def test_proxy_503_is_retried_by_us_alone_then_an_environment_error(proxied, code):
+    proxy, (first, second, third) = proxied
+    rule = proxy.fail(method="GET", key_contains="img003", mode="503", code=code)
+    assert storage.read_bytes(first) == first.encode()
+    assert third in storage.ls(third.rsplit("/", 1)[0])  # listings pass: they name no key
+    with pytest.raises(storage.StorageError, match=r"img003.jpg.*gave up after 3 attempts") as info:
+        storage.read_bytes(third)
+    assert storage.is_environment_error(info.value)
+    # exactly our 3 attempts: neither s3fs nor botocore retried on their own
+    assert rule.hits == 3 == proxy.count(method="GET", key_contains="img003")
+    proxy.clear()
+    assert storage.read_bytes(third) == third.encode()
+    assert storage.read_bytes(second) == second.encode()
+
+
+@pytest.mark.parametrize("code, error", [
+    ("AccessDenied", storage.StoragePermissionError),
+    ("InvalidAccessKeyId", storage.StorageCredentialsError),
+    ("SignatureDoesNotMatch", storage.StorageCredentialsError),
+])
+def test_proxy_403_is_a_permission_or_credential_error_tried_once(proxied, code, error):
+    proxy, (_, _, third) = proxied
+    proxy.fail(method="GET", key_contains="img003", mode="403", code=code)
+    with pytest.raises(error, match="img003.jpg") as info:
+        storage.read_bytes(third)
+    assert isinstance(info.value, PermissionError)
+    assert storage.is_environment_error(info.value)
+    assert proxy.faulted == 1
+    proxy.clear()
+    assert storage.read_bytes(third) == third.encode()
+
+
+@pytest.mark.parametrize("mode", ["reset", "stall"])
+def test_proxy_dropped_and_stalled_requests_are_transient(proxied, monkeypatch, mode):
+    proxy, (first, _, third) = proxied
+    _bounds(monkeypatch, attempts=2, read_timeout=0.5, connect_timeout=0.5)
+    proxy.fail(method="GET", key_contains="img003", mode=mode)
+    start = time.monotonic()
+    with pytest.raises(storage.StorageError, match="img003.jpg.*gave up after 2 attempts") as info:
+        storage.read_bytes(third)
+    assert time.monotonic() - start <= storage.worst_case_seconds() + 1.0
+    assert storage.is_environment_error(info.value)
+    # aiohttp resends an idempotent request once when a kept-alive connection drops
+    # (RFC 9112 9.3.1); a stall is never resent, so a timeout is never paid twice per attempt
+    assert proxy.faulted == 2 if mode == "stall" else 2 <= proxy.faulted <= 4
+    assert storage.read_bytes(first) == first.encode()
+
+
+def test_proxy_rule_with_times_fails_only_the_first_requests(proxied):
+    proxy, (_, _, third) = proxied
+    rule = proxy.fail(method="GET", key_contains="img003", mode="503", times=2)
+    assert storage.read_bytes(third) == third.encode()  # attempt 3 of 3 passes
+    assert rule.hits == 2 and proxy.count(method="GET", key_contains="img003") == 3

@@ -243,3 +243,275 @@ def test_failures_are_rewrapped_naming_the_uri_and_permanent_ones_tried_once():
     with pytest.raises(storage.StorageNotFoundError, match="s3://bkt/k.bin"):
         storage._call("read", "s3://bkt/k.bin", gone)
     assert gone.calls == 1
+
+
+# --------------------------------------------------------------------------- bounds and budget
+
+
+@pytest.fixture
+def default_bounds(monkeypatch):
+    """No DIP_STORAGE_* variable set: the built-in defaults apply."""
+    for key in list(os.environ):
+        if key.startswith("DIP_STORAGE_"):
+            monkeypatch.delenv(key)
+
+
+class FakeClock:
+    """A clock that moves only when told (by a slow attempt or a sleep)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_default_worst_case_of_a_stalled_operation_is_about_a_minute(default_bounds):
+    s = storage.settings()
+    assert (s.connect_timeout, s.read_timeout, s.attempts, s.deadline) == (5.0, 15.0, 5, 60.0)
+    assert storage.worst_case_seconds() <= 65
+
+
+def test_worst_case_is_the_smaller_of_attempts_and_deadline(monkeypatch, default_bounds):
+    monkeypatch.setenv("DIP_STORAGE_CONNECT_TIMEOUT", "1")
+    monkeypatch.setenv("DIP_STORAGE_READ_TIMEOUT", "2")
+    monkeypatch.setenv("DIP_STORAGE_ATTEMPTS", "2")
+    monkeypatch.setenv("DIP_STORAGE_BASE_DELAY", "0.5")
+    assert storage.worst_case_seconds() == pytest.approx(2 * 3 + 0.5)
+    monkeypatch.setenv("DIP_STORAGE_DEADLINE", "4")
+    assert storage.worst_case_seconds() == pytest.approx(4)
+
+
+def test_settings_are_read_from_the_environment_at_call_time(monkeypatch, default_bounds):
+    monkeypatch.setenv("DIP_STORAGE_ATTEMPTS", "2")
+    fn = Flaky(5, TimeoutError("slow"))
+    with pytest.raises(TimeoutError):
+        storage.retry(fn, sleep=lambda s: None)
+    assert fn.calls == 2
+    monkeypatch.setenv("DIP_STORAGE_ATTEMPTS", "4")
+    fn = Flaky(5, TimeoutError("slow"))
+    with pytest.raises(TimeoutError):
+        storage.retry(fn, sleep=lambda s: None)
+    assert fn.calls == 4
+
+
+@pytest.mark.parametrize("name, value", [
+    ("DIP_STORAGE_CONNECT_TIMEOUT", "soon"), ("DIP_STORAGE_READ_TIMEOUT", "0"),
+    ("DIP_STORAGE_ATTEMPTS", "2.5"), ("DIP_STORAGE_ATTEMPTS", "0"),
+    ("DIP_STORAGE_DEADLINE", "-1"), ("DIP_STORAGE_DEADLINE", "inf"),
+    ("DIP_STORAGE_READ_TIMEOUT", "nan"), ("DIP_STORAGE_BASE_DELAY", "-0.1"),
+])
+def test_invalid_settings_are_an_error_naming_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(storage.StorageConfigError, match=name) as info:
+        storage.read_bytes("memory://never/read")
+    assert isinstance(info.value, ValueError)
+    assert storage.is_environment_error(info.value)  # a broken setup, not a bad object
+
+
+def test_zero_backoff_is_allowed(monkeypatch):
+    monkeypatch.setenv("DIP_STORAGE_BASE_DELAY", "0")
+    delays: list[float] = []
+    fn = Flaky(2, TimeoutError("slow"))
+    storage.retry(fn, attempts=3, sleep=delays.append)
+    assert delays == [0.0, 0.0]
+
+
+def test_retry_starts_no_attempt_that_would_end_after_the_deadline(monkeypatch, default_bounds):
+    monkeypatch.setenv("DIP_STORAGE_CONNECT_TIMEOUT", "1")
+    monkeypatch.setenv("DIP_STORAGE_READ_TIMEOUT", "1")
+    clock = FakeClock()
+
+    def slow_failure():  # each attempt takes 10 s, longer than connect + read timeout
+        clock.now += 10
+        raise TimeoutError("slow")
+
+    calls = []
+    with pytest.raises(TimeoutError):
+        storage.retry(lambda: calls.append(1) or slow_failure(), attempts=10, deadline=35,
+                      base_delay=0.1, sleep=clock.sleep, clock=clock)
+    # ends at 10, ~20.1, ~30.3; a fourth would end after 40 > 35
+    assert len(calls) == 3 and clock.now <= 35
+
+
+def test_deadline_counts_an_attempt_as_at_least_connect_plus_read(monkeypatch, default_bounds):
+    monkeypatch.setenv("DIP_STORAGE_CONNECT_TIMEOUT", "5")
+    monkeypatch.setenv("DIP_STORAGE_READ_TIMEOUT", "15")
+    clock = FakeClock()
+    calls = []
+
+    def quick_failure():
+        calls.append(clock.now)
+        clock.now += 1
+        raise ConnectionResetError(errno.ECONNRESET, "reset")
+
+    with pytest.raises(ConnectionResetError):
+        storage.retry(quick_failure, attempts=10, deadline=25, base_delay=1.0, max_delay=1.0,
+                      sleep=clock.sleep, clock=clock)
+    # a retry needs 20 s of budget left: every attempt starts before 25 - 20 = 5 s
+    assert all(start <= 5 for start in calls) and 2 <= len(calls) <= 4
+
+
+def test_s3_filesystem_carries_the_timeouts_of_the_environment(monkeypatch, default_bounds):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9003")
+    fs1, _ = storage.url_to_fs("s3://bucket/a")
+    assert fs1.config_kwargs["connect_timeout"] == 5.0
+    assert fs1.config_kwargs["read_timeout"] == 15.0
+    assert fs1.config_kwargs["retries"] == {"total_max_attempts": 1} and fs1.retries == 1
+    monkeypatch.setenv("DIP_STORAGE_READ_TIMEOUT", "2.5")
+    fs2, _ = storage.url_to_fs("s3://bucket/a")
+    assert fs2 is not fs1 and fs2.config_kwargs["read_timeout"] == 2.5
+    assert storage.url_to_fs("s3://bucket/b")[0] is fs2
+
+
+def test_giving_up_names_the_uri_the_attempts_and_the_time(monkeypatch):
+    monkeypatch.setenv("DIP_STORAGE_BASE_DELAY", "0.001")
+    monkeypatch.setenv("DIP_STORAGE_ATTEMPTS", "3")
+    fn = Flaky(9, TimeoutError("slow"))
+    pattern = r"read s3://b/k failed \(gave up after 3 attempts in \d+\.\d s\): TimeoutError"
+    with pytest.raises(storage.StorageError, match=pattern) as info:
+        storage._call("read", "s3://b/k", fn)
+    assert fn.calls == 3 and storage.is_environment_error(info.value)
+
+
+# --------------------------------------------------------------------------- environment or object
+
+
+def _botocore(name: str, **fields):
+    import botocore.exceptions
+
+    return getattr(botocore.exceptions, name)(**fields)
+
+
+def _raised_from(outer: BaseException, cause: BaseException) -> BaseException:
+    try:
+        raise outer from cause
+    except BaseException as exc:
+        return exc
+
+
+@pytest.mark.parametrize("exc, environment", [
+    (_client_error("SlowDown", 503), True),
+    (TimeoutError("slow"), True),
+    (_botocore("NoCredentialsError"), True),
+    (_botocore("PartialCredentialsError", provider="env", cred_var="AWS_SECRET_ACCESS_KEY"), True),
+    (_botocore("CredentialRetrievalError", provider="sso", error_msg="expired"), True),
+    (_client_error("AccessDenied", 403), True),
+    (_client_error("InvalidAccessKeyId", 403), True),
+    (_client_error("SignatureDoesNotMatch", 403), True),
+    (_client_error("ExpiredToken", 400), True),
+    (_client_error("AllAccessDisabled", 403), True),
+    (PermissionError(errno.EACCES, "denied"), True),
+    (OSError(errno.ENOSPC, "No space left on device"), True),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+    (OSError(errno.EROFS, "Read-only file system"), True),
+    (_client_error("NoSuchKey", 404), False),
+    (_client_error("NoSuchBucket", 404), False),
+    (FileNotFoundError(errno.ENOENT, "gone"), False),
+    (_client_error("InvalidObjectState", 403), False),  # archived: the object's own state
+    (_client_error("InvalidArgument", 400), False),
+    (ValueError("cannot identify image file"), False),
+    (OSError("image file is truncated"), False),
+    (RuntimeError("bug"), False),
+], ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v))
+def test_environment_errors_are_told_from_the_objects_own(exc, environment):
+    assert storage.is_environment_error(exc) is environment
+
+
+def test_environment_error_is_found_through_the_cause_chain():
+    from s3fs.errors import translate_boto_error
+
+    full = _raised_from(storage.StorageError("write s3://b/k failed"), OSError(errno.ENOSPC, "x"))
+    assert storage.is_environment_error(full)
+    assert storage.is_environment_error(translate_boto_error(_client_error("AccessDenied", 403)))
+    assert storage.is_environment_error(translate_boto_error(_client_error("ExpiredToken", 400)))
+    assert not storage.is_environment_error(translate_boto_error(_client_error("NoSuchKey", 404)))
+    gone = _raised_from(storage.StorageNotFoundError(errno.ENOENT, "read x: not found"),
+                        FileNotFoundError("x"))
+    assert not storage.is_environment_error(gone)
+    garbage = _raised_from(storage.StorageError("read x: not valid JSON"), ValueError("json"))
+    assert not storage.is_environment_error(garbage)
+    # the verdict after an earlier timeout was "not there": the object is missing
+    try:
+        try:
+            raise TimeoutError("slow")
+        except TimeoutError:
+            raise FileNotFoundError(errno.ENOENT, "gone")  # noqa: B904 (the context is the point)
+    except FileNotFoundError as exc:
+        missing = _raised_from(storage.StorageError("read x failed"), exc)
+    assert not storage.is_environment_error(missing)
+
+
+@pytest.mark.parametrize("name, fields", [
+    ("NoCredentialsError", {}),
+    ("PartialCredentialsError", {"provider": "env", "cred_var": "AWS_SECRET_ACCESS_KEY"}),
+    ("CredentialRetrievalError", {"provider": "process", "error_msg": "token sk-hush-4242"}),
+])
+def test_credential_failures_are_a_storage_error_naming_the_uri(name, fields):
+    fn = Flaky(5, _botocore(name, **fields))
+    with pytest.raises(storage.StorageCredentialsError, match="s3://bkt/k.bin") as info:
+        storage._call("read", "s3://bkt/k.bin", fn)
+    assert fn.calls == 1  # retrying cannot help
+    assert "credentials are missing or invalid" in str(info.value)
+    assert "hush-4242" not in str(info.value)  # what a provider said is not repeated
+    assert isinstance(info.value, PermissionError)
+    assert storage.is_environment_error(info.value)
+
+
+@pytest.fixture
+def no_credentials(monkeypatch, default_bounds):
+    """An environment with no AWS credentials anywhere, on a fresh S3 filesystem."""
+    import s3fs
+
+    for key in list(os.environ):
+        if key.startswith("AWS_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role lookups
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    # signing fails before any connection; a closed loopback port in case it ever did not
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9004")
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["none", "partial"])
+def test_reading_s3_without_credentials_says_so(no_credentials, monkeypatch, partial):
+    if partial:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLESECRET42")
+    with pytest.raises(storage.StorageCredentialsError, match="s3://bucket/img.jpg") as info:
+        storage.read_bytes("s3://bucket/img.jpg")
+    assert "credentials" in str(info.value) and "AKIAEXAMPLESECRET42" not in str(info.value)
+    assert storage.is_environment_error(info.value)
+
+
+def test_storage_environment_holds_only_storage_variables(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith(("AWS_", "DIP_STORAGE_")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_CA_BUNDLE", "/etc/ca.pem")
+    monkeypatch.setenv("DIP_STORAGE_READ_TIMEOUT", "3")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "")  # empty: would mask the worker's own
+    monkeypatch.setenv("AWS_SOMETHING_ELSE", "x")
+    monkeypatch.setenv("DIPSTORAGE", "x")
+    assert storage.storage_environment() == {
+        "AWS_ACCESS_KEY_ID": "id", "AWS_CA_BUNDLE": "/etc/ca.pem",
+        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_SECRET_ACCESS_KEY": "secret",
+        "DIP_STORAGE_READ_TIMEOUT": "3"}
+
+
+def test_a_403_without_an_s3_code_is_a_permission_error():
+    from s3fs.errors import translate_boto_error
+
+    fn = Flaky(5, translate_boto_error(_client_error("403", 403)))  # how a HEAD's 403 arrives
+    with pytest.raises(storage.StoragePermissionError, match="s3://bkt/k.bin"):
+        storage._call("size", "s3://bkt/k.bin", fn)
+    assert fn.calls == 1
