@@ -10,7 +10,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from shared import storage
+from shared import storage, storage_policy
 
 pytestmark = pytest.mark.integration
 
@@ -104,8 +104,9 @@ def test_s3_unreachable_endpoint_is_retried_then_named(s3_bucket, monkeypatch):
     storage.write_bytes(uri, b"here")
     # the endpoint is read from the environment on every call: point it at a closed port
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    monkeypatch.setattr(storage, "DEFAULT_BASE_DELAY", 0.001)
-    monkeypatch.setattr(storage, "DEFAULT_ATTEMPTS", 3)
+    # the policy reads its defaults from its own module at every call
+    monkeypatch.setattr(storage_policy, "DEFAULT_BASE_DELAY", 0.001)
+    monkeypatch.setattr(storage_policy, "DEFAULT_ATTEMPTS", 3)
     fs, path = storage.url_to_fs(uri)
     calls = []
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import uuid
+from typing import TypeVar
 
 import pyarrow as pa
 import pytest
 
-from shared import storage
+from shared import storage, storage_policy
 
 
 @pytest.fixture
@@ -515,3 +516,19 @@ def test_a_403_without_an_s3_code_is_a_permission_error():
     with pytest.raises(storage.StoragePermissionError, match="s3://bkt/k.bin"):
         storage._call("size", "s3://bkt/k.bin", fn)
     assert fn.calls == 1
+
+
+# --------------------------------------------------------------------------- the policy module
+
+
+def test_every_public_name_of_the_policy_is_the_same_object_in_storage():
+    # callers catch storage.StorageError around errors the policy raises: a copy would miss them
+    names = sorted(name for name, value in vars(storage_policy).items()
+                   if not name.startswith("_") and not isinstance(value, TypeVar)
+                   and (name.startswith("DEFAULT_")
+                        or getattr(value, "__module__", None) == storage_policy.__name__))
+    assert {"StorageError", "StorageSettings", "retry", "settings", "is_environment_error",
+            "storage_environment", "worst_case_seconds", "DEFAULT_ATTEMPTS", "call"} <= set(names)
+    for name in names:
+        exported = storage._call if name == "call" else getattr(storage, name)
+        assert exported is getattr(storage_policy, name), name
