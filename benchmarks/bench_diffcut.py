@@ -74,8 +74,10 @@ def run(segmenter: DiffCutSegmenter, images: list[np.ndarray], batch: int, clock
         zt = ex.alpha_bar**0.5 * z0 + (1 - ex.alpha_bar) ** 0.5 * noise
         tokens = clock("unet", lambda z=zt: F.normalize(ex.hooked_tokens(z).float(), dim=-1))
         lab = clock("ncut", batched_recursive_ncut, tokens, segmenter.tau, segmenter.alpha)
-        for t, im, f, ll in zip(tensors, chunk, tokens, lab, strict=True):
-            maps.append(clock("assign", segmenter._full_resolution, t, f, ll, im.shape[:2]))
+        for im, f, ll in zip(chunk, tokens, lab, strict=True):
+            img, count = torch.from_numpy(im).to(ex.device), int(ll.max()) + 1
+            maps.append(clock("assign", lambda i=img, f=f, ll=ll, c=count:
+                              segmenter._full_resolution(i, f, ll, c).cpu().numpy()))
         labels.extend(lab.cpu())
     return labels, maps
 

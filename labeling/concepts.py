@@ -6,6 +6,10 @@ argmax over the K score maps <f, c_k> computed on the token grid and then upsamp
 K maps instead of C feature channels at full size. The upsampling is written as two small
 interpolation matrices (rows and columns), so the full-size maps are produced a band of rows at a
 time and never held in memory at once.
+
+Everything here runs on the tensors' own device with no host synchronisation once the number of
+segments is given (`num_segments`): a GPU worker queues the whole assignment, through the
+contiguous renumbering (`contiguous_ids`), without waiting on it.
 """
 
 from __future__ import annotations
@@ -18,16 +22,20 @@ BAND_ELEMENTS = 1 << 24  # K x rows x W values per band of rows
 
 def segment_centroids(features: Tensor, labels: Tensor, num_segments: int | None = None) -> Tensor:
     """c_k = mean of the (N, C) features with label k -> (K, C); an empty segment gets zeros."""
-    k = int(labels.max()) + 1 if num_segments is None else num_segments
+    k = int(labels.max()) + 1 if num_segments is None else num_segments  # None: a host sync
     sums = torch.zeros(k, features.shape[1], dtype=features.dtype, device=features.device)
     sums.index_add_(0, labels, features)
-    counts = torch.bincount(labels, minlength=k).clamp_min(1).to(features.dtype)
-    return sums / counts[:, None]
+    # counts as sums of ones (exact integers): unlike bincount, no host sync on a GPU
+    counts = torch.zeros(k, dtype=features.dtype, device=features.device)
+    counts.index_add_(0, labels, torch.ones_like(labels, dtype=features.dtype))
+    return sums / counts.clamp_min(1)[:, None]
 
 
-def concept_scores(features: Tensor, labels: Tensor, grid: tuple[int, int]) -> Tensor:
+def concept_scores(
+    features: Tensor, labels: Tensor, grid: tuple[int, int], num_segments: int | None = None
+) -> Tensor:
     """<f_token, c_k> for (h*w, C) features and (h*w,) segment labels -> (K, h, w) score maps."""
-    centroids = segment_centroids(features, labels)  # (K, C)
+    centroids = segment_centroids(features, labels, num_segments)  # (K, C)
     scores = centroids @ features.T  # (K, C) x (C, h*w) -> (K, h*w)
     return scores.reshape(-1, *grid)
 
@@ -35,17 +43,20 @@ def concept_scores(features: Tensor, labels: Tensor, grid: tuple[int, int]) -> T
 def bilinear_matrix(
     out_size: int, in_size: int, dtype: torch.dtype = torch.float32, device=None
 ) -> Tensor:
-    """(out, in) weights of 1-D bilinear resizing with half-pixel centres (align_corners=False)."""
-    src = (torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5
-    src = src.clamp_min(0.0)  # F.interpolate clamps negative source coordinates to the first pixel
+    """(out, in) weights of 1-D bilinear resizing with half-pixel centres (align_corners=False).
+
+    Built on `device` in float64 (each step one correctly rounded operation, so every device gets
+    the same bits), then cast: no host-to-device copy, which would wait for queued GPU work.
+    """
+    src = (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * (in_size / out_size)
+    src = (src - 0.5).clamp_min(0.0)  # F.interpolate clamps negative coordinates to the first pixel
     lo = src.floor().long().clamp_max(in_size - 1)
     hi = (lo + 1).clamp_max(in_size - 1)
-    frac = src - lo
-    mat = torch.zeros(out_size, in_size, dtype=torch.float64)
-    rows = torch.arange(out_size)
-    mat.index_put_((rows, lo), 1.0 - frac, accumulate=True)
-    mat.index_put_((rows, hi), frac, accumulate=True)
-    return mat.to(dtype=dtype, device=device)
+    frac = (src - lo)[:, None]  # (out, 1)
+    cols = torch.arange(in_size, device=device)[None, :]  # (1, in)
+    # at the last pixel lo == hi and the two weights add up: (1 - frac) + frac
+    mat = torch.where(cols == lo[:, None], 1.0 - frac, 0.0)  # (out, in)
+    return mat.add_(torch.where(cols == hi[:, None], frac, 0.0)).to(dtype)
 
 
 def upsample(maps: Tensor, out_size: tuple[int, int]) -> Tensor:
@@ -66,12 +77,41 @@ def upsample_argmax(maps: Tensor, out_size: tuple[int, int]) -> Tensor:
     out = torch.empty(height, width, dtype=torch.long, device=maps.device)
     for top in range(0, height, band):
         rows = ry[top : top + band] @ cols  # (b, h) x (K, h, W) -> (K, b, W)
-        out[top : top + band] = rows.argmax(dim=0)
+        out[top : top + band] = argmax_first_dim(rows)
     return out
 
 
+def argmax_first_dim(x: Tensor) -> Tensor:
+    """x.argmax(dim=0) of a (K, ...) tensor -> (...) long; the first maximum wins, as in argmax.
+
+    On the CPU the K values of each position are made adjacent first: an argmax over the last
+    dimension runs about 2.5x faster there than one over the first (18 against 48 ms for
+    15 x 480 x 640), copy included. Other devices reduce over the first dimension directly.
+    """
+    if x.device.type != "cpu":
+        return x.argmax(dim=0)
+    return x.movedim(0, -1).contiguous().argmax(dim=-1)
+
+
 def assign_concepts(
-    features: Tensor, labels: Tensor, grid: tuple[int, int], out_size: tuple[int, int]
+    features: Tensor,
+    labels: Tensor,
+    grid: tuple[int, int],
+    out_size: tuple[int, int],
+    num_segments: int | None = None,
 ) -> Tensor:
     """Full-resolution labels: argmax_k <upsampled f, c_k> via upsampled score maps -> (H, W) long."""
-    return upsample_argmax(concept_scores(features, labels, grid), out_size)
+    return upsample_argmax(concept_scores(features, labels, grid, num_segments), out_size)
+
+
+def contiguous_ids(labels: Tensor, num_labels: int) -> Tensor:
+    """Map the ids present in long `labels` (0..num_labels-1) to 0..S-1, keeping their order.
+
+    -> int32 tensor of the same shape, on the same device; the ids that no pixel has are skipped.
+    A presence mask and its running count replace a sort (`unique`), and nothing waits on the
+    device: the output size is known.
+    """
+    present = torch.zeros(num_labels, dtype=torch.int32, device=labels.device)
+    present.index_fill_(0, labels.reshape(-1), 1)  # (num_labels,) 1 where an id occurs
+    new_id = present.cumsum_(0).sub_(1)  # (num_labels,) rank among the present ids
+    return torch.take(new_id, labels)

@@ -31,7 +31,9 @@ a Python loop over thresholds). `batched_recursive_ncut` gives the same partitio
 On the CPU, F F^T (BLAS syrk), Cholesky, its solves, the skinny products and the direct
 eigensolver go through SciPy/NumPy's OpenBLAS (`CPU_SCIPY_LAPACK`); other devices use torch. The
 batch's Gram products run first, back to back, on BLAS's own threads; the solver then holds
-that BLAS to one thread (its idle threads would spin against torch's). The large buffers
+that BLAS to one thread (its idle threads would spin against torch's). On a GPU the host
+waits for the device once per batch of regions and per solver step, never per region or image
+(region bookkeeping uses index tensors, the leaves are numbered on the device). The large buffers
 live in an `NCutWorkspace`, which a caller keeps across batches so that their memory is
 first-touched once. The sign rule and the first-minimum rule make both versions choose alike.
 """
@@ -117,10 +119,12 @@ def _minmax_power(sim: Tensor, alpha: float, out: Tensor | None = None) -> Tenso
     w = torch.empty(n, n, dtype=torch.float64, device=sim.device) if out is None else out
     lo, hi = (x.double() for x in torch.aminmax(sim))  # exact: float32 widens to float64 exactly
     w.copy_(sim)
-    if hi - lo <= 1e-6 * max(float(hi.abs()), 1e-30):
-        return w.fill_(1.0)
+    # all-equal (to 1e-6) similarities give W = 1, decided on the device (no host sync): then
+    # (sim - lo) / inf + 1 = 1; otherwise + 0 changes no bit
+    flat = hi - lo <= 1e-6 * hi.abs().clamp_min(1e-30)
+    span = torch.where(flat, math.inf, hi - lo)
     # (sim - lo) / (hi - lo) lies in [0, 1] without clamping: rounding is monotonic
-    return _power_(w.sub_(lo).div_(hi - lo), alpha)
+    return _power_(w.sub_(lo).div_(span).add_(flat.to(w.dtype)), alpha)
 
 
 def _mirror_lower(x: Tensor) -> Tensor:
@@ -166,10 +170,14 @@ def thresholds(lo: Tensor, hi: Tensor, steps: int = NUM_THRESHOLDS) -> Tensor:
 
 
 def _labels_from_leaves(leaves: list[tuple[tuple[int, ...], Tensor]], n: int) -> Tensor:
-    """Number leaves in depth-first order (path 0 = positive side) -> (n,) segment ids."""
-    labels = torch.empty(n, dtype=torch.long)
+    """Number leaves in depth-first order (path 0 = positive side) -> (n,) segment ids.
+
+    The ids are written on the leaves' device, one fill per leaf: no token index visits the host.
+    """
+    device = leaves[0][1].device
+    labels = torch.empty(n, dtype=torch.long, device=device)
     for seg, (_, idx) in enumerate(sorted(leaves, key=lambda leaf: leaf[0])):
-        labels[idx.cpu()] = seg
+        labels.index_fill_(0, idx, seg)
     return labels
 
 
@@ -688,17 +696,34 @@ def _recursive_splits(
             for lo in range(0, len(regions), chunk):
                 group = regions[lo : lo + chunk]
                 best, positive, block = _split_regions(w, group, start, tau, workspace)
-                split = (best < tau).tolist()  # one device sync per batch
-                for i, (img, path, idx, _) in enumerate(group):
-                    if not split[i]:
-                        leaves[img].append((path, idx))
-                        continue
-                    pos = positive[i, : len(idx)].to(idx.device)
-                    warm = None if block is None else block[i, : len(idx), 1:]
-                    for side, mask in ((0, pos), (1, ~pos)):
-                        child = None if warm is None else warm[mask.to(warm.device)]
-                        pending.append((img, (*path, side), idx[mask], child))
+                pending += _children(group, best < tau, positive, block, leaves)
     return torch.stack([_labels_from_leaves(leaves[i], n) for i in range(b)])
+
+
+def _children(
+    group: list, split: Tensor, positive: Tensor, block: Tensor | None, leaves: list[list]
+) -> list:
+    """The two sides of each splitting region of `group`, as new regions; the others join `leaves`.
+
+    One host wait for the whole group: which regions split and the size c of each positive
+    side. A stable sort of the (R, n) tokens by side lists the positive side first, each side in
+    token order (what a boolean mask selects), so the children's token ids and warm starts are
+    gathered with index tensors and never visit the host.
+    """
+    sizes = torch.where(split, positive.sum(dim=1), -1).tolist()  # (R,), -1: a leaf
+    order = None  # (R, n): positive side, negative side, then padding (positions >= m)
+    if max(sizes) >= 0:
+        order = torch.argsort((~positive).to(torch.uint8), dim=1, stable=True)
+    children = []
+    for i, ((img, path, idx, _), c) in enumerate(zip(group, sizes, strict=True)):
+        if c < 0:
+            leaves[img].append((path, idx))
+            continue
+        m = len(idx)
+        warm = None if block is None else block[i, :m, 1:]
+        for side, rows in ((0, order[i, :c]), (1, order[i, c:m])):
+            children.append((img, (*path, side), idx[rows], None if warm is None else warm[rows]))
+    return children
 
 
 def recursive_ncut(features: Tensor, tau: float = 0.5, alpha: float = 10.0) -> Tensor:

@@ -3,20 +3,28 @@
 A segmenter turns RGB images into segment maps at each image's own size:
 
     seg = get_segmenter("diffcut", device="cuda")
-    maps = seg.segment([img0, img1])   # (H, W, 3) uint8 each -> (H, W) uint16, ids 0..S-1
+    maps = seg.segment_tensors([img0, img1])  # (H, W, 3) uint8 each -> (H, W) int32 on seg.device
+    maps = seg.segment([img0, img1])          # the same maps as (H, W) uint16 NumPy arrays
 
-`Segmenter.segment` validates and converts its inputs with `prepare_image` (grayscale and RGBA are
-converted to RGB; too small, too large or non-uint8 images are refused with `ImageInputError`),
-then calls `_segment` on clean (H, W, 3) uint8 arrays. A new segmenter subclasses `Segmenter`,
-implements `_segment` and `identity`, and is registered with `register_segmenter`.
+Ids are contiguous, 0..S-1. Both methods validate and convert their inputs with `prepare_image`
+(grayscale and RGBA are converted to RGB; too small, too large or non-uint8 images are refused
+with `ImageInputError`). `segment_tensors` leaves the maps where the segmenter computed them, so
+a GPU worker pools features on them without a round trip through the host; `segment` copies the
+whole batch to the host at once. A new segmenter subclasses `Segmenter`, implements `identity`
+and either `_segment` (NumPy maps; the base class moves them to `device`) or `_segment_tensors`
+(tensors on `device`), and is registered with `register_segmenter`, or named to
+`get_segmenter` as "package.module:factory" without registering.
 
 `DiffCutSegmenter` (the default): SSD-1B tokens (labeling.diffcut) -> batched recursive NCut on the
 token grid -> every pixel takes the segment whose mean feature best matches its bilinearly
-upsampled feature (labeling.concepts) -> optional PAMR -> contiguous uint16 ids.
+upsampled feature (labeling.concepts) -> optional PAMR -> contiguous ids. Each image is uploaded
+once as uint8; its resize, the assignment and the renumbering run on the extractor's device,
+which the host waits on once per batch outside the cut.
 """
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from labeling.concepts import concept_scores, upsample, upsample_argmax
+from labeling.concepts import concept_scores, contiguous_ids, upsample, upsample_argmax
 from labeling.diffcut import (
     HOOKED_LAYER,
     SSD1B_HUB_ID,
@@ -40,6 +48,7 @@ from labeling.pamr import DEFAULT_DILATIONS, DEFAULT_ITERATIONS, pamr
 MIN_SIDE = 32  # the 32 x 32 token grid needs at least one pixel per token
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_SEGMENTER = "diffcut"
+UINT16_IDS = np.iinfo(np.uint16).max + 1  # segments a uint16 map can hold
 
 
 class ImageInputError(ValueError):
@@ -47,9 +56,15 @@ class ImageInputError(ValueError):
 
 
 def prepare_image(
-    image: Any, index: int = 0, min_side: int = MIN_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS
+    image: Any,
+    index: int | str = 0,
+    min_side: int = MIN_SIDE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
-    """Check one input image and return it as (H, W, 3) uint8 RGB (gray repeated, alpha dropped)."""
+    """Check one input image and return it as (H, W, 3) uint8 RGB (gray repeated, alpha dropped).
+
+    `index` names the image in errors: its position in a batch, or its URI.
+    """
     where = f"image {index}"
     if not isinstance(image, np.ndarray):
         raise ImageInputError(f"{where}: expected a numpy array, got {type(image).__name__}")
@@ -81,9 +96,31 @@ def prepare_image(
 def relabel_contiguous(labels: np.ndarray) -> np.ndarray:
     """Map the ids present in `labels` to 0..S-1, keeping their order -> uint16 array of the same shape."""
     present, inverse = np.unique(labels, return_inverse=True)
-    if len(present) > np.iinfo(np.uint16).max + 1:
+    if len(present) > UINT16_IDS:
         raise ValueError(f"{len(present)} segments do not fit a uint16 segment map")
     return inverse.reshape(labels.shape).astype(np.uint16)
+
+
+def maps_to_numpy(maps: Sequence[Tensor]) -> list[np.ndarray]:
+    """(H, W) integer segment maps on any one device -> (H, W) uint16 NumPy maps.
+
+    The batch crosses to the host in one copy (one wait on a GPU, not one per map).
+    """
+    if not maps:
+        return []
+    flat = torch.cat([m.reshape(-1).to(torch.int32) for m in maps]).cpu().numpy()
+    if flat.size and (flat.min() < 0 or flat.max() >= UINT16_IDS):
+        raise ValueError(f"segment ids {flat.min()}..{flat.max()} do not fit a uint16 segment map")
+    ends = np.cumsum([m.numel() for m in maps])[:-1]
+    parts = np.split(flat.astype(np.uint16), ends)
+    return [part.reshape(tuple(m.shape)) for part, m in zip(parts, maps, strict=True)]
+
+
+def _describe(seg: Any) -> str:
+    if isinstance(seg, (np.ndarray, Tensor)):
+        where = f" on {seg.device}" if isinstance(seg, Tensor) else ""
+        return f"{type(seg).__name__} {seg.dtype} {tuple(seg.shape)}{where}"
+    return type(seg).__name__
 
 
 class Segmenter(ABC):
@@ -92,27 +129,61 @@ class Segmenter(ABC):
     name: str = "base"
     min_side: int = MIN_SIDE
     max_pixels: int = DEFAULT_MAX_PIXELS
+    device: torch.device | str = torch.device("cpu")  # where segment_tensors leaves its maps
 
     def segment(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(H, W, 3) uint8 images (gray / RGBA accepted) -> (H, W) uint16 maps with ids 0..S-1."""
+        return maps_to_numpy(self.segment_tensors(images))
+
+    def segment_tensors(self, images: Sequence[np.ndarray]) -> list[Tensor]:
+        """(H, W, 3) uint8 images (gray / RGBA accepted) -> (H, W) int32 maps, ids 0..S-1, on `device`.
+
+        On a GPU the maps may still be being computed when this returns (work in the device's
+        stream order); whatever reads them in that order sees them finished.
+        """
         if isinstance(images, np.ndarray):
-            raise ImageInputError("segment() takes a list of images, not one array")
+            raise ImageInputError("a segmenter takes a list of images, not one array")
         clean = [
             prepare_image(img, i, self.min_side, self.max_pixels) for i, img in enumerate(images)
         ]
         if not clean:
             return []
-        maps = self._segment(clean)
-        for i, (img, seg) in enumerate(zip(clean, maps, strict=True)):
-            if seg.shape != img.shape[:2] or seg.dtype != np.uint16:
-                raise RuntimeError(
-                    f"{self.name}: map {i} is {seg.dtype} {seg.shape}, expected uint16 {img.shape[:2]}"
-                )
+        maps = self._segment_tensors(clean)
+        device = torch.device(self.device)
+        self._check_maps(
+            clean, maps, f"an int32 Tensor on {device}",
+            lambda seg: isinstance(seg, Tensor) and seg.dtype == torch.int32
+            and seg.device.type == device.type,
+        )  # fmt: skip
         return maps
 
-    @abstractmethod
+    def _segment_tensors(self, images: list[np.ndarray]) -> list[Tensor]:
+        """Validated (H, W, 3) uint8 images -> (H, W) int32 maps on `device`; by default `_segment`'s."""
+        maps = self._segment(images)
+        self._check_maps(
+            images, maps, "a uint16 ndarray",
+            lambda seg: isinstance(seg, np.ndarray) and seg.dtype == np.uint16,
+        )  # fmt: skip
+        return [torch.from_numpy(seg.astype(np.int32)).to(self.device) for seg in maps]
+
     def _segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Segment validated (H, W, 3) uint8 images -> (H, W) uint16 maps with ids 0..S-1."""
+        raise NotImplementedError(
+            f"{type(self).__name__} ({self.name}) implements neither _segment (NumPy maps) nor "
+            "_segment_tensors (tensors on its device)"
+        )
+
+    def _check_maps(
+        self, images: list[np.ndarray], maps: Sequence[Any], kind: str, ok: Callable[[Any], bool]
+    ) -> None:
+        """One map per image, each of the image's (H, W) and of the kind `ok` accepts, or an error."""
+        if len(maps) != len(images):
+            raise RuntimeError(f"{self.name}: {len(maps)} maps for {len(images)} images")
+        for i, (img, seg) in enumerate(zip(images, maps, strict=True)):
+            if not ok(seg) or tuple(seg.shape) != img.shape[:2]:
+                raise RuntimeError(
+                    f"{self.name}: map {i} is {_describe(seg)}, expected {kind} {img.shape[:2]}"
+                )
 
     @abstractmethod
     def identity(self) -> dict[str, Any]:
@@ -204,48 +275,73 @@ class DiffCutSegmenter(Segmenter):
                      "max_side": self.pamr_max_side} if self.use_pamr else None,
         }  # fmt: skip
 
-    def _segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    @property
+    def device(self) -> torch.device:
+        """The extractor's device: all the work after decoding runs there, and the maps stay."""
+        return self.extractor.device
+
+    @torch.no_grad()
+    def _segment_tensors(self, images: list[np.ndarray]) -> list[Tensor]:
         maps = []
         for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            tensors = [torch.from_numpy(img).permute(2, 0, 1).float().div(255.0) for img in chunk]
+            chunk = [to_device(img, self.device) for img in images[start : start + self.batch_size]]
             size = (self.extractor.resolution, self.extractor.resolution)
-            batch = torch.stack(
-                [F.interpolate(t[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-                 for t in tensors]
-            )  # fmt: skip
+            batch = torch.stack([resize_unit(img, size) for img in chunk])  # (B, 3, R, R)
             tokens = self.extractor(batch)  # (B, h*w, C)
             labels = batched_recursive_ncut(
                 tokens, self.tau, self.alpha, workspace=self._ncut_workspace
             )  # (B, h*w)
-            for img, image, feats, lab in zip(tensors, chunk, tokens, labels, strict=True):
-                if (image == image[:1, :1]).all():  # a uniform image has a single region
-                    maps.append(np.zeros(image.shape[:2], dtype=np.uint16))
-                else:
-                    maps.append(self._full_resolution(img, feats, lab, image.shape[:2]))
+            counts = (labels.amax(dim=1) + 1).tolist()  # the batch's one host wait after the cut
+            for img, feats, lab, k in zip(chunk, tokens, labels, counts, strict=True):
+                maps.append(self._full_resolution(img, feats, lab, k))
         return maps
 
-    def _full_resolution(
-        self, image: Tensor, feats: Tensor, labels: Tensor, size: tuple[int, int]
-    ) -> np.ndarray:
-        """Token segments -> (H, W) uint16 map: concept assignment, optional PAMR, contiguous ids."""
-        scores = concept_scores(feats, labels, self.extractor.token_grid)  # (K, h, w)
+    def _full_resolution(self, image: Tensor, feats: Tensor, labels: Tensor, k: int) -> Tensor:
+        """Token segments -> (H, W) int32 map: concept assignment, optional PAMR, contiguous ids.
+
+        `image` is the (H, W, 3) uint8 image on the device, `k` the number of token segments.
+        """
+        size = (image.shape[0], image.shape[1])
+        scores = concept_scores(feats, labels, self.extractor.token_grid, k)  # (K, h, w)
         if self.use_pamr:
-            scale = min(1.0, self.pamr_max_side / max(size))
-            work = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-            small = F.interpolate(
-                image[None], size=work, mode="bilinear", align_corners=False, antialias=True
-            )[0]
-            onehot = (
-                F.one_hot(upsample(scores, work).argmax(dim=0), scores.shape[0])
-                .permute(2, 0, 1)
-                .float()
-            )
-            scores = pamr(
-                small.to(onehot.device), onehot, self.pamr_iterations, self.pamr_dilations
-            )
-        full = upsample_argmax(scores, size)  # (H, W)
-        return relabel_contiguous(full.cpu().numpy())
+            scores = self._refine(image, scores)
+        ids = contiguous_ids(upsample_argmax(scores, size), k)  # (H, W)
+        # a uniform image has a single region, decided on the device: nothing waits for it
+        return ids.mul_(~is_uniform(image))
+
+    def _refine(self, image: Tensor, scores: Tensor) -> Tensor:
+        """PAMR of the (K, h, w) scores' argmax on the image shrunk to pamr_max_side -> (K, h', w')."""
+        height, width = image.shape[0], image.shape[1]
+        scale = min(1.0, self.pamr_max_side / max(height, width))
+        work = (max(1, round(height * scale)), max(1, round(width * scale)))
+        small = resize_unit(image, work)  # (3, h', w')
+        onehot = F.one_hot(upsample(scores, work).argmax(dim=0), scores.shape[0])  # (h', w', K)
+        return pamr(
+            small, onehot.permute(2, 0, 1).float(), self.pamr_iterations, self.pamr_dilations
+        )
+
+
+def to_device(image: np.ndarray, device: torch.device) -> Tensor:
+    """(H, W, 3) uint8 array -> the same uint8 tensor on `device` (a quarter of float32's bytes)."""
+    if device.type != "cuda":
+        return torch.from_numpy(image).to(device)
+    pinned = torch.empty(image.shape, dtype=torch.uint8, pin_memory=True)
+    pinned.numpy()[...] = image  # from page-locked memory the upload is queued, not waited for
+    return pinned.to(device, non_blocking=True)
+
+
+def is_uniform(image: Tensor) -> Tensor:
+    """Whether every pixel of an (H, W, 3) image equals the first -> 0-d bool tensor, on its device."""
+    flat = image.reshape(-1)  # every value equal to the one a pixel before it
+    return (flat[3:] == flat[:-3]).all()
+
+
+def resize_unit(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """(H, W, 3) uint8 image -> (3, *size) float32 in [0, 1], antialiased bilinear, on its device."""
+    unit = image.permute(2, 0, 1).float().div(255.0)  # (3, H, W)
+    return F.interpolate(
+        unit[None], size=size, mode="bilinear", align_corners=False, antialias=True
+    )[0]
 
 
 _REGISTRY: dict[str, Callable[..., Segmenter]] = {"diffcut": DiffCutSegmenter}
@@ -259,12 +355,53 @@ def register_segmenter(name: str, factory: Callable[..., Segmenter]) -> None:
 
 
 def available_segmenters() -> list[str]:
-    """Names accepted by get_segmenter."""
+    """Names accepted by get_segmenter (besides "package.module:factory")."""
     return sorted(_REGISTRY)
 
 
 def get_segmenter(name: str = DEFAULT_SEGMENTER, **kwargs: Any) -> Segmenter:
-    """Build the segmenter registered as `name` with its keyword arguments."""
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown segmenter {name!r}; known: {', '.join(available_segmenters())}")
-    return _REGISTRY[name](**kwargs)
+    """Build the segmenter registered as `name`, or made by `name` = "package.module:factory".
+
+    A factory named by its module is imported where the segmenter is built (in every Ray worker:
+    the module must be importable there) and called with the keyword arguments.
+    """
+    if name in _REGISTRY:
+        factory = _REGISTRY[name]
+    elif ":" in name:
+        factory = _import_factory(name)
+    else:
+        raise KeyError(
+            f"unknown segmenter {name!r}; known: {', '.join(available_segmenters())}, "
+            "or a factory named as 'package.module:factory'"
+        )
+    segmenter = factory(**kwargs)
+    if not isinstance(segmenter, Segmenter):
+        raise TypeError(
+            f"segmenter {name!r}: the factory returned a {type(segmenter).__name__}, "
+            "not a labeling.segmenter.Segmenter"
+        )
+    return segmenter
+
+
+def _import_factory(spec: str) -> Callable[..., Segmenter]:
+    """The callable that "package.module:attribute[.attribute]" names, imported."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"segmenter {spec!r}: a factory is named as 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(
+            f"segmenter {spec!r}: cannot import module {module_name!r} ({exc})"
+        ) from exc
+    factory: Any = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise AttributeError(
+                f"segmenter {spec!r}: module {module_name!r} ({module.__file__}) has no "
+                f"attribute {attr!r}"
+            )
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise TypeError(f"segmenter {spec!r}: {attr!r} is a {type(factory).__name__}, not callable")
+    return factory

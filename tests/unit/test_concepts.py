@@ -6,17 +6,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from labeling import concepts
 from labeling.concepts import (
+    argmax_first_dim,
     assign_concepts,
     bilinear_matrix,
+    contiguous_ids,
     segment_centroids,
     upsample,
     upsample_argmax,
 )
 from labeling.pamr import pamr, pamr_affinity
-from labeling.segmenter import ImageInputError, prepare_image, relabel_contiguous
+from labeling.segmenter import ImageInputError, maps_to_numpy, prepare_image, relabel_contiguous
 
 
 def test_segment_centroids_hand_example():
@@ -42,6 +45,13 @@ def test_upsample_matches_interpolate_and_argmax_bands(monkeypatch):
     assert torch.equal(upsample_argmax(scores, (45, 70)), ref.argmax(dim=0))
 
 
+def test_argmax_over_the_first_dim_keeps_the_first_maximum():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 3, (7, 20, 30), generator=g).float()  # ties nearly everywhere
+    assert torch.equal(argmax_first_dim(x), x.argmax(dim=0))
+    assert argmax_first_dim(torch.tensor([[1.0, 2.0], [1.0, 5.0], [0.0, 5.0]])).tolist() == [0, 1]
+
+
 def test_assign_concepts_equals_upsampling_the_features():
     g = torch.Generator().manual_seed(1)
     feats = F.normalize(
@@ -60,6 +70,59 @@ def test_assign_concepts_equals_upsampling_the_features():
 def test_relabel_contiguous_keeps_order():
     out = relabel_contiguous(np.array([[5, 2], [2, 9]]))
     assert out.dtype == np.uint16 and out.tolist() == [[1, 0], [0, 2]]
+
+
+def test_contiguous_ids_on_the_device_equal_the_numpy_relabelling():
+    assert contiguous_ids(torch.tensor([[5, 2], [2, 9]]), 10).tolist() == [[1, 0], [0, 2]]
+    g = torch.Generator().manual_seed(0)
+    used = torch.tensor([0, 3, 7, 9, 11])  # 1, 2, 4, 5, 6, 8, 10 absent
+    labels = used[torch.randint(0, 5, (37, 53), generator=g)]
+    ours = contiguous_ids(labels, 12)
+    assert ours.dtype == torch.int32 and ours.shape == (37, 53)
+    assert np.array_equal(ours.numpy(), relabel_contiguous(labels.numpy()))
+
+
+def test_segment_centroids_leave_an_empty_segment_at_zero():
+    feats = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    out = segment_centroids(feats, torch.tensor([0, 2]), num_segments=4)
+    assert out.tolist() == [[1.0, 2.0], [0.0, 0.0], [3.0, 4.0], [0.0, 0.0]]
+
+
+class HostResults(TorchDispatchMode):
+    """Records every operation that leaves a tensor on the host (a table built there, a copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        results = out if isinstance(out, (tuple, list)) else [out]
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in results):
+            self.ops.append(str(func))
+        return out
+
+
+def test_the_assignment_runs_on_the_device_and_never_waits_for_it():
+    # the meta device has shapes but no values: reading one (a host wait on a GPU) raises, and
+    # a weight table built on the host and copied over shows up as a host result
+    feats = torch.empty(64, 16, device="meta")
+    labels = torch.empty(64, dtype=torch.long, device="meta")
+    with HostResults() as mode:
+        full = assign_concepts(feats, labels, (8, 8), (50, 35), num_segments=5)
+        ids = contiguous_ids(full, 5)
+    assert ids.shape == (50, 35) and ids.dtype == torch.int32 and ids.device.type == "meta"
+    assert mode.ops == []
+
+
+def test_maps_to_numpy_copies_a_batch_to_uint16_maps():
+    maps = [torch.arange(12, dtype=torch.int32).reshape(3, 4), torch.full((2, 5), 65535)]
+    out = maps_to_numpy(maps)
+    assert [m.dtype for m in out] == [np.uint16, np.uint16] and out[0].shape == (3, 4)
+    assert out[0].tolist() == maps[0].tolist() and (out[1] == 65535).all()
+    assert maps_to_numpy([]) == []
+    with pytest.raises(ValueError, match="0..65536 do not fit a uint16"):
+        maps_to_numpy([torch.tensor([[0, 65536]])])
 
 
 def test_pamr_affinity_is_a_distribution_and_uniform_on_flat_images():

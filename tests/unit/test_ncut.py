@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import labeling.ncut as ncut_module
 from labeling.ncut import (
@@ -363,3 +364,46 @@ def test_corrections_inside_the_ritz_span_still_give_the_reference(monkeypatch):
     expected = torch.stack([reference_recursive_ncut(f) for f in feats])
     assert torch.equal(batched_recursive_ncut(feats), expected)
     assert len(gram_errors) > 4 and max(gram_errors) < 1e-10
+
+
+class HostWaits(TorchDispatchMode):
+    """Counts the operations that make the host wait for a device: reading values (item, bool,
+    tolist), copies to the host, and results whose size depends on the values (nonzero, masks)."""
+
+    WAITING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.count = 0
+        for name in ("tolist", "cpu", "item", "numpy"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        masks = func.overloadpacket in (torch.ops.aten.index, torch.ops.aten.index_put_)
+        if func in self.WAITING or (
+            masks and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        ):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_waits_do_not_grow_with_the_images_or_regions(monkeypatch):
+    # copies of one image split alike, round by round, in the same batches of regions: only
+    # waits per region or per image would make four copies wait more often than one
+    monkeypatch.setattr(ncut_module, "CPU_SCIPY_LAPACK", False)  # the path a GPU takes
+    feats = structured(1, grid=16, seed=0)
+    counter, waits, labels = HostWaits(monkeypatch), [], []
+    for copies in (1, 4):
+        counter.count = 0
+        with counter:
+            labels.append(batched_recursive_ncut(feats.expand(copies, -1, -1).contiguous()))
+        waits.append(counter.count)
+    assert int(labels[0].max()) >= 4  # several rounds of splits
+    assert (labels[1] == labels[0]).all()
+    assert waits[0] == waits[1] > 0
