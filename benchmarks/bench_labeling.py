@@ -34,8 +34,9 @@ def main() -> None:
     import torch
 
     from labeling.config import LabelConfig
+    from labeling.listing import list_images
     from labeling.pipeline import run_labeling
-    from labeling.stages import LabelingModels, list_images
+    from labeling.stages import LabelingModels
     from shared.images import load_image
     from shared.synthetic import write_synthetic_dataset
 
@@ -57,7 +58,7 @@ def main() -> None:
 
     # models alone: decode once, then segment + encode in batches (what the actors must do)
     models = LabelingModels.load(config)
-    images = [load_image(uri) for _, uri in list_images(images_uri)]
+    images = [load_image(uri) for uri in list_images(images_uri).column("uri").to_pylist()]
     models.segmenter.segment(images[: args.batch])  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(images), args.batch):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import json
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -39,8 +41,48 @@ class LabelConfig(Config):
     min_area: float = Field(0.05, ge=0, lt=1)  # a shared class must cover more than this of both
     shard_size: int = Field(256, ge=1)
     batch_size: int = Field(8, ge=1)  # images per GPU batch
-    actors: int = Field(1, ge=1)
+    # segmenting / labelling actors: None = a pool from 1 up to the cluster's GPUs (or to the
+    # cluster's count of actor_resources), one actor without either
+    actors: int | None = Field(None, ge=1)
     gpus_per_actor: float = Field(1.0, ge=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    actor_resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources
+    decode_threads: int = Field(4, ge=1)  # per actor: reads and decodes overlap the model work
+    lease_timeout: float = Field(120.0, gt=0)  # seconds without a heartbeat: the run died
     synthetic_images: int = Field(64, ge=1)  # size of the built-in dataset when images="synthetic"
     synthetic_size: int = Field(128, ge=32)
     seed: int = 0
+
+
+# Settings that change how a run executes, never what it writes.
+OPERATIONAL_FIELDS = frozenset({"out", "batch_size", "actors", "gpus_per_actor", "cpus_per_actor",
+                                "actor_resources", "decode_threads", "lease_timeout"})
+# Settings read by one stage only (and so by the stages after it); every other setting belongs to
+# the first stage, the segments. A new setting is thereby in every stage's identity until it is
+# placed here.
+STAGE_FIELDS: dict[str, frozenset[str]] = {
+    "segments": frozenset(),
+    "centroids": frozenset({"classes", "kmeans_max_images", "kmeans_niter"}),
+    "labels": frozenset({"ground_truth"}),
+    "pairs": frozenset({"neighbours", "min_area"}),
+}
+
+
+def stage_identities(cfg: LabelConfig, listing_sha256: str, num_images: int
+                     ) -> dict[str, dict[str, Any]]:
+    """What each stage's output depends on: its own settings plus the identity of the stage
+    before it (segments -> centroids -> labels -> pairs); operational settings are left out."""
+    config = cfg.model_dump(mode="json", exclude=set(OPERATIONAL_FIELDS))
+    later = set().union(*STAGE_FIELDS.values())
+    out: dict[str, dict[str, Any]] = {}
+    previous: dict[str, Any] = {"listing_sha256": listing_sha256, "num_images": num_images}
+    for stage, fields in STAGE_FIELDS.items():
+        if stage == "segments":
+            own = {k: v for k, v in config.items() if k not in later}
+        else:
+            own = {k: v for k, v in config.items() if k in fields}
+        identity = {"config": own, "after": previous}
+        out[stage] = identity
+        text = json.dumps(identity, sort_keys=True)
+        previous = {"stage": stage, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return out

@@ -1,7 +1,11 @@
-"""Ray wiring of the labeling service: list -> segment (GPU actors) -> K-means -> label -> pairs.
+"""Ray wiring of the labeling service: list -> segment (actors) -> K-means -> label -> pairs.
 
-Each stage is resumable per shard through the label-set writer: a rerun skips what is done.
-The math lives in ``labeling/stages.py``, ``pseudo_classes.py`` and ``pairs.py``.
+The driver holds the listing, one row per shard and the K x D centroids, nothing per image:
+actors segment and label whole shards and commit them themselves (``labeling/stages.py``);
+K-means and the pairs run as single tasks, on a GPU when the cluster has one
+(``labeling/aggregate.py``). Each stage is resumable per shard through the label-set writer, and
+each has an identity covering only what changes its output (``labeling.config.stage_identities``):
+a rerun skips finished work and redoes only the stages whose inputs changed.
 """
 
 from __future__ import annotations
@@ -15,42 +19,99 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from labeling import stages
-from labeling.config import LabelConfig
-from labeling.pairs import nearest_neighbours, select_pairs
-from labeling.pseudo_classes import kmeans
+from labeling import aggregate, stages
+from labeling.config import LabelConfig, stage_identities
+from labeling.listing import list_images
 from shared import storage
-from shared.labelset import LabelSetError, LabelSetWriter
+from shared.labelset import LabelSetError, LabelSetWriter, is_labelset
+from shared.lease import LEASE_FILE, Lease
 
 log = logging.getLogger(__name__)
 
-# Everything that changes the labels; operational knobs (actors, batch size, out) are left out.
-FINGERPRINT_FIELDS = ("images", "backbone", "weights", "tiny", "segmenter", "diffcut",
-                      "feature_size", "classes", "kmeans_max_images", "kmeans_niter", "neighbours",
-                      "min_area", "shard_size", "synthetic_images", "synthetic_size", "seed")
+# The global tables each later stage owns (discarded with it when its inputs change).
+STAGE_TABLES = {"centroids": ("centroids",), "labels": (), "pairs": ("pairs",)}
+SYNTHETIC = "_synthetic"
 
 
 class SegmentActor:
-    """Ray Data actor: loads the segmenter and encoder once, then segments batches."""
+    """Ray Data actor: loads the segmenter and encoder once, then segments and commits shards."""
 
-    def __init__(self, cfg_json: str):
-        self.models = stages.LabelingModels.load(LabelConfig.model_validate_json(cfg_json))
+    def __init__(self, cfg_json: str, fingerprint: dict, lease_id: str):
+        self.cfg = LabelConfig.model_validate_json(cfg_json)
+        self.models = stages.LabelingModels.load(self.cfg)
+        self.writer = LabelSetWriter(self.cfg.out, fingerprint, lease_id, check=False)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return stages.segment_batch(self.models, batch)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _shard_summaries([
+            (shard, lambda shard=shard, ids=ids, uris=uris: stages.segment_shard(
+                self.models, self.writer, shard, ids, uris, self.cfg.batch_size,
+                self.cfg.decode_threads))
+            for shard, ids, uris in zip(batch.column("shard").to_pylist(),
+                                        batch.column("image_id").to_pylist(),
+                                        batch.column("uri").to_pylist(), strict=True)])
 
 
 class LabelActor:
-    """Ray Data actor: pseudo-label maps from encoder patches, segments and the centroids."""
+    """Ray Data actor: loads only the encoder, then pseudo-labels and commits shards."""
 
-    def __init__(self, cfg_json: str, centroids: np.ndarray):
-        self.models = stages.LabelingModels.load(LabelConfig.model_validate_json(cfg_json))
+    def __init__(self, cfg_json: str, fingerprint: dict, lease_id: str, centroids: np.ndarray):
+        import torch
+
+        self.cfg = LabelConfig.model_validate_json(cfg_json)
+        self.models = stages.LabelingModels.load(self.cfg, segmenter=False)
+        self.writer = LabelSetWriter(self.cfg.out, fingerprint, lease_id, check=False)
         self.centroids = torch.from_numpy(np.asarray(centroids, np.float32))
+        self.ground_truth = self.cfg.ground_truth
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return stages.label_batch(self.models, self.centroids, batch)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _shard_summaries([
+            (shard, lambda shard=shard: stages.label_shard(
+                self.models, self.writer, self.centroids, shard, self.ground_truth,
+                self.cfg.batch_size, self.cfg.decode_threads))
+            for shard in batch.column("shard").to_pylist()])
+
+
+def _shard_summaries(work: list[tuple[int, Callable[[], dict]]]) -> pa.Table:
+    """Run each shard's work; a failure comes back as data (the pickled exception and the
+    worker's traceback), since Ray Data keeps only a generic error of a failed batch."""
+    import pickle
+    import traceback
+
+    rows = []
+    for shard, fn in work:
+        try:
+            rows.append({**fn(), "error": b"", "trace": ""})
+        except Exception as exc:
+            try:
+                blob = pickle.dumps(exc)
+            except Exception:  # an exception that does not pickle travels as its text
+                blob = pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+            rows.append({"shard": shard, "images": 0, "skipped": 0, "error": blob,
+                         "trace": traceback.format_exc()})
+    return pa.Table.from_pylist(rows)
+
+
+def _raise_failure(done: pa.Table) -> None:
+    """Raise the first failure reported in a batch of shard summaries, if any."""
+    import pickle
+
+    for blob, trace in zip(done.column("error").to_pylist(), done.column("trace").to_pylist(),
+                           strict=True):
+        if blob:
+            exc = pickle.loads(blob)
+            exc.add_note(f"in a labeling worker:\n{trace}")
+            raise exc
+
+
+def _stage_task(name: str, cfg_json: str, fingerprint: dict, lease_id: str) -> Any:
+    """A whole-dataset stage (``aggregate.cluster`` / ``aggregate.pair``) inside a Ray task."""
+    import torch
+
+    cfg = LabelConfig.model_validate_json(cfg_json)
+    writer = LabelSetWriter(cfg.out, fingerprint, lease_id, check=False)
+    device = "cuda" if torch.cuda.is_available() else None
+    return getattr(aggregate, name)(writer, cfg, device)
 
 
 def resolve_images(cfg: LabelConfig) -> tuple[str, str | None]:
@@ -59,7 +120,8 @@ def resolve_images(cfg: LabelConfig) -> tuple[str, str | None]:
         return cfg.images, cfg.ground_truth
     from shared.synthetic import write_synthetic_dataset
 
-    root = storage.join(cfg.out, "_synthetic")
+    name = f"{cfg.synthetic_images}x{cfg.synthetic_size}-seed{cfg.seed}"
+    root = storage.join(cfg.out, SYNTHETIC, name)
     if not storage.exists(storage.join(root, "classes.json")):
         size = (cfg.synthetic_size, cfg.synthetic_size)
         write_synthetic_dataset(root, num_train=cfg.synthetic_images, num_val=0, size=size,
@@ -67,262 +129,150 @@ def resolve_images(cfg: LabelConfig) -> tuple[str, str | None]:
     return storage.join(root, "images", "train"), storage.join(root, "masks", "train")
 
 
-def fingerprint(cfg: LabelConfig, listing: list[tuple[str, str]]) -> dict[str, Any]:
-    """Identity of a label set: the label-relevant config plus a hash of the image listing."""
-    digest = hashlib.sha256("\n".join(i for i, _ in listing).encode()).hexdigest()
-    data = cfg.model_dump(mode="json", include=set(FINGERPRINT_FIELDS))
-    return {"config": data, "num_images": len(listing), "listing_sha256": digest}
+def listing_digest(listing: pa.Table) -> str:
+    """sha256 of the image ids, one per line, in listing order."""
+    digest = hashlib.sha256()
+    ids = listing.column("image_id").to_pylist()
+    for start in range(0, len(ids), 65536):
+        digest.update(("\n".join(ids[start:start + 65536]) + "\n").encode())
+    return digest.hexdigest()
 
 
-def _gpus_per_actor(cfg: LabelConfig) -> float:
-    import ray
-
-    return cfg.gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-
-
-def _map(rows: list[dict], actor: type, args: tuple, cfg: LabelConfig) -> Iterator[dict]:
-    """Stream batches of ``actor`` outputs; decoding runs in CPU tasks beside the actor pool."""
-    import ray
-
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 64)))
-    # distinct resources keep decoding in separate CPU tasks, overlapped with the actors
-    ds = ds.map_batches(stages.decode_batch, batch_size=cfg.batch_size, num_cpus=0.5,
-                        batch_format="numpy")
-    ds = ds.map_batches(actor, fn_constructor_args=args, batch_size=cfg.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=1,
-                        num_gpus=_gpus_per_actor(cfg), batch_format="numpy")
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+def _check_out(out: str) -> None:
+    """Refuse an output folder that holds something other than a label set."""
+    if not storage.exists(out) or is_labelset(out):
+        return
+    names = {child.rstrip("/").rsplit("/", 1)[-1] for child in storage.ls(out)}
+    if names <= {LEASE_FILE, SYNTHETIC}:  # empty, or only what a starting run writes first
+        return
+    raise LabelSetError(f"--out {out} exists and is not a label set (no labelset.json or "
+                        "_progress.json in it); choose a new folder: nothing was written there")
 
 
-def _by_shard(batches: Iterator[dict], expected: dict[int, int],
-              write: Callable[[int, list[dict]], None], progress) -> None:
-    """Group streamed rows by shard; write each shard as soon as all its rows have arrived."""
-    pending: dict[int, list[dict]] = {}
-    for batch in batches:
-        keys = list(batch)
-        for i in range(len(batch["image_id"])):
-            row = {k: batch[k][i] for k in keys}
-            shard = int(row["shard"])
-            pending.setdefault(shard, []).append(row)
-            progress.update(1)
-            if len(pending[shard]) == expected[shard]:
-                write(shard, pending.pop(shard))
-    if pending:
-        raise RuntimeError(f"labeling: shards {sorted(pending)} did not receive all their images")
+def _clear(out: str) -> None:
+    """Remove a label set's files (never the lease, nor the synthetic inputs it was made from)."""
+    if not is_labelset(out):
+        return
+    for child in storage.ls(out):
+        if child.rstrip("/").rsplit("/", 1)[-1] not in (LEASE_FILE, SYNTHETIC):
+            storage.remove(child, recursive=True)
 
 
 class LabelingRun:
-    """One labeling job: its config, listing, shards and writer; methods are the stages."""
+    """One labeling job: checks, listing, lease and writer; methods are the stages."""
 
-    def __init__(self, cfg: LabelConfig, progress: bool = True):
+    def __init__(self, cfg: LabelConfig, progress: bool = True, resume: bool = True):
         self.cfg = cfg
         self.progress = progress
         self.timings: dict[str, float] = {}
+        _check_out(cfg.out)
         root, self.ground_truth = resolve_images(cfg)
-        self.listing = stages.list_images(root)
-        if not self.listing:
+        self.cfg = cfg = cfg.model_copy(update={"ground_truth": self.ground_truth})
+        self.listing = list_images(root)
+        if not self.listing.num_rows:
             raise FileNotFoundError(f"no images (jpg/png/webp/bmp/tif) found under {root}")
         self.images_root = root
-        size = cfg.shard_size
-        self.shards = [self.listing[i:i + size] for i in range(0, len(self.listing), size)]
+        self.num_shards = -(-self.listing.num_rows // cfg.shard_size)
+        self.identities = stage_identities(cfg, listing_digest(self.listing),
+                                           self.listing.num_rows)
         try:
-            self.writer = LabelSetWriter(cfg.out, fingerprint(cfg, self.listing))
-        except LabelSetError:
-            raise
-        except Exception as exc:
+            self.lease = Lease(cfg.out, cfg.lease_timeout).acquire()
+        except storage.StorageError as exc:
             raise storage.StorageError(f"output {cfg.out} is not writable: {exc}") from exc
+        try:
+            if not resume:
+                _clear(cfg.out)
+            self.writer = LabelSetWriter(cfg.out, self.identities["segments"],
+                                         self.lease.run_id)
+            for stage, tables in STAGE_TABLES.items():
+                if self.writer.reset_stage(stage, self.identities[stage], tables):
+                    log.warning("%s: the %s stage's inputs changed; its output is redone",
+                                cfg.out, stage)
+        except BaseException:
+            self.lease.release()
+            raise
+
+    def close(self) -> None:
+        """Release the output lease."""
+        self.lease.release()
 
     def _bar(self, total: int, desc: str):
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=desc, unit="img", disable=not self.progress)
 
+    def _args(self) -> tuple:
+        return self.cfg.model_dump_json(), self.identities["segments"], self.lease.run_id
+
     def segment(self) -> None:
         """Stage 2: segments, pooled segment features and global features, per shard."""
-        todo = [s for s in range(len(self.shards)) if not self.writer.is_done("segments", s)]
-        if not todo:
-            return
-        rows = [{"image_id": iid, "uri": uri, "shard": s}
-                for s in todo for iid, uri in self.shards[s]]
-        expected = {s: len(self.shards[s]) for s in todo}
-        cfg_json = self.cfg.model_dump_json()
-        with self._bar(len(rows), "segment") as bar:
-            _by_shard(_map(rows, SegmentActor, (cfg_json,), self.cfg), expected,
-                      self._write_segments, bar)
-
-    def _in_listing_order(self, shard: int, rows: list[dict]) -> list[dict]:
-        """Rows arrive in any order from the actors; tables are written in listing order."""
-        order = {iid: k for k, (iid, _) in enumerate(self.shards[shard])}
-        return sorted(rows, key=lambda r: order[str(r["image_id"])])
-
-    def _write_segments(self, shard: int, rows: list[dict]) -> None:
-        rows = self._in_listing_order(shard, rows)
-        ok = [r for r in rows if r["status"] == "ok"]
-        images = pa.table({
-            "image_id": [str(r["image_id"]) for r in rows],
-            "uri": [str(r["uri"]) for r in rows],
-            "width": pa.array([int(r["width"]) for r in rows], pa.int32()),
-            "height": pa.array([int(r["height"]) for r in rows], pa.int32()),
-            "status": [str(r["status"]) for r in rows],
-            "error": [str(r["error"]) or None for r in rows],
-            "shard": pa.array([shard] * len(rows), pa.int32()),
-        })
-        seg_ids, seg_img, seg_area, seg_feat = [], [], [], []
-        for r in ok:
-            n = int(r["num_segments"])
-            feats = np.frombuffer(r["pooled"], np.float32).reshape(n, -1)
-            area = np.frombuffer(r["areas"], np.float32)
-            seg_img += [str(r["image_id"])] * n
-            seg_ids += list(range(n))
-            seg_area += area.tolist()
-            seg_feat += [f for f in feats]
-        dim = int(ok[0]["global"].shape[0]) if ok else 0
-        segments = pa.table({
-            "image_id": pa.array(seg_img, pa.string()),
-            "segment_id": pa.array(seg_ids, pa.int32()),
-            "area": pa.array(seg_area, pa.float32()),
-            "feature": pa.array([f.tolist() for f in seg_feat], pa.list_(pa.float32())),
-        })
-        globs = pa.table({
-            "image_id": pa.array([str(r["image_id"]) for r in ok], pa.string()),
-            "feature": pa.array([np.asarray(r["global"], np.float32).tolist() for r in ok],
-                                pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())),
-        })
-        with self.writer.shard("segments", shard) as out:
-            out.write_table("images", images)
-            out.write_table("segments", segments)
-            out.write_table("globals", globs)
-            out.write_maps_png("segments", {str(r["image_id"]): bytes(r["segments_png"]) for r in ok})
+        size = self.cfg.shard_size
+        todo = [s for s in range(self.num_shards) if not self.writer.is_done("segments", s)]
+        jobs = []
+        for s in todo:
+            part = self.listing.slice(s * size, size)
+            jobs.append(pa.table({"shard": pa.array([s], pa.int32()),
+                                  "image_id": _one_list(part.column("image_id")),
+                                  "uri": _one_list(part.column("uri"))}))
+        self._map(jobs, SegmentActor, self._args(), "segment",
+                  sum(min(size, self.listing.num_rows - s * size) for s in todo))
 
     def cluster(self) -> None:
         """Stage 3: K-means over pooled segment features (a random image subset above a size)."""
-        if self.writer.has_table("centroids"):
-            return
-        segs = self.writer.read_table("segments")
-        ids = np.asarray(segs.column("image_id").to_pylist())
-        feats = np.asarray(segs.column("feature").to_pylist(), np.float32)
-        uniq = np.unique(ids)
-        if len(uniq) > self.cfg.kmeans_max_images:
-            rng = np.random.default_rng(self.cfg.seed)
-            keep = rng.choice(uniq, self.cfg.kmeans_max_images, replace=False)
-            feats = feats[np.isin(ids, keep)]
-        if len(feats) < self.cfg.classes:
-            raise ValueError(
-                f"K-means: {self.cfg.classes} pseudo-classes requested but only {len(feats)} "
-                f"segments were found; lower --classes or label more images")
-        cents = kmeans(feats, self.cfg.classes, seed=self.cfg.seed, niter=self.cfg.kmeans_niter)
-        self.writer.write_table("centroids", pa.table({
-            "class_id": pa.array(np.arange(len(cents)), pa.int32()),
-            "feature": pa.array(cents.tolist(), pa.list_(pa.float32(), cents.shape[1])),
-        }))
+        if not self.writer.has_table("centroids"):
+            self._task("cluster")
 
     def label(self) -> None:
         """Stage 4: per-image pseudo-label maps and the classes present with their areas."""
-        todo = [s for s in range(len(self.shards)) if not self.writer.is_done("labels", s)]
+        todo = [s for s in range(self.num_shards) if not self.writer.is_done("labels", s)]
         if not todo:
             return
-        cents = np.asarray(self.writer.read_table("centroids").column("feature").to_pylist(),
-                           np.float32)
-        rows, expected = [], {}
-        for s in todo:
-            images = self.writer.read_shard_table("images", s)
-            ok = [(r["image_id"], r["uri"]) for r in images.to_pylist() if r["status"] == "ok"]
-            segpng = self.writer.read_maps_png("segments", s)
-            rows += [{"image_id": i, "uri": u, "shard": s, "segments_png": segpng[i]} for i, u in ok]
-            expected[s] = len(ok)
-        for s in [s for s in todo if expected[s] == 0]:
-            self._write_labels(s, [])
-        expected = {s: n for s, n in expected.items() if n}
-        if not rows:
-            return
-        with self._bar(len(rows), "label") as bar:
-            _by_shard(_map(rows, LabelActor, (self.cfg.model_dump_json(), cents), self.cfg),
-                      expected, self._write_labels, bar)
-
-    def _write_labels(self, shard: int, rows: list[dict]) -> None:
-        rows = self._in_listing_order(shard, rows)
-        cls_img, cls_id, cls_area = [], [], []
-        for r in rows:
-            ids = np.frombuffer(r["class_ids"], np.int32)
-            cls_img += [str(r["image_id"])] * len(ids)
-            cls_id += ids.tolist()
-            cls_area += np.frombuffer(r["class_areas"], np.float32).tolist()
-        classes = pa.table({
-            "image_id": pa.array(cls_img, pa.string()),
-            "class_id": pa.array(cls_id, pa.int32()),
-            "area": pa.array(cls_area, pa.float32()),
-        })
-        with self.writer.shard("labels", shard) as out:
-            out.write_table("classes", classes)
-            out.write_maps_png("labels", {str(r["image_id"]): bytes(r["labels_png"]) for r in rows})
+        cents = aggregate.centroids(self.writer)
+        rows = self.writer.markers("segments")
+        images = sum(int(m["rows"].get("globals", 0)) for m in rows if m["shard"] in set(todo))
+        jobs = [pa.table({"shard": pa.array([s], pa.int32())}) for s in todo]
+        self._map(jobs, LabelActor, (*self._args(), cents), "label", images)
 
     def pair(self) -> None:
-        """Stage 5: 5 nearest neighbours on global features, kept where a class is shared."""
-        if self.writer.has_table("pairs"):
-            return
-        globs = self.writer.read_table("globals")
-        ids = globs.column("image_id").to_pylist()
-        feats = np.asarray(globs.column("feature").to_pylist(), np.float32)
-        classes = self.writer.read_table("classes")
-        areas: dict[str, dict[int, float]] = {i: {} for i in ids}
-        for r in classes.to_pylist():
-            areas[r["image_id"]][r["class_id"]] = r["area"]
-        nn = nearest_neighbours(feats, self.cfg.neighbours)
-        rows = select_pairs(ids, nn, [areas[i] for i in ids], self.cfg.min_area)
-        cols = list(zip(*rows, strict=True)) if rows else [[]] * 6
-        self.writer.write_table("pairs", pa.table({
-            "query_id": pa.array(cols[0], pa.string()),
-            "positive_id": pa.array(cols[1], pa.string()),
-            "class_id": pa.array(cols[2], pa.int32()),
-            "query_area": pa.array(cols[3], pa.float32()),
-            "positive_area": pa.array(cols[4], pa.float32()),
-            "rank": pa.array(cols[5], pa.int32()),
-        }))
+        """Stage 5: nearest neighbours on global features, kept where a class is shared."""
+        if not self.writer.has_table("pairs"):
+            self._task("pair")
 
     def finish(self) -> dict[str, Any]:
         """Stage 6: counts and identity in ``labelset.json``, written last."""
-        images = self.writer.read_table("images")
-        status = images.column("status").to_pylist()
-        segs = self.writer.read_table("segments")
-        classes = self.writer.read_table("classes")
-        pairs = self.writer.read_table("pairs")
-        ok = status.count("ok")
-        counts = {
-            "images": len(status), "images_ok": ok, "images_failed": len(status) - ok,
-            "segments": segs.num_rows,
-            "segments_per_image": round(segs.num_rows / max(ok, 1), 3),
-            "classes_used": len(set(classes.column("class_id").to_pylist())),
-            "pairs": pairs.num_rows, "shards": len(self.shards),
-        }
-        quality = self.quality()
+        counts = aggregate.counts(self.writer, self.cfg.classes, self.num_shards)
+        quality = aggregate.quality(self.writer, self.cfg.classes)
         if quality is not None:
             counts["quality"] = quality
         meta = {
             "config": json.loads(self.cfg.model_dump_json()),
             "backbone": self.cfg.backbone, "segmenter": self.cfg.segmenter,
             "num_classes": self.cfg.classes, "images_uri": self.images_root, "counts": counts,
+            "stage_identities": self.identities,
         }
         self.writer.finish(meta)
         return counts
 
-    def quality(self) -> dict[str, float] | None:
-        """Unsupervised mIoU of the pseudo-labels against ground-truth masks, when there are any."""
-        if self.ground_truth is None:
-            return None
-        from labeling.quality import confusion, hungarian_miou, majority_miou
-        from shared.images import decode_png
+    def _map(self, jobs: list[pa.Table], actor: type, args: tuple, desc: str, images: int
+             ) -> None:
+        """Run ``actor`` over one row per shard; the progress bar counts images."""
+        if not jobs:
+            return
+        batches = _map_shards(jobs, actor, args, self.cfg)
+        try:
+            with self._bar(images, desc) as bar:
+                for done in batches:
+                    _raise_failure(done)
+                    bar.update(int(sum(done.column("images").to_pylist())))
+        finally:
+            batches.close()  # stops the dataset's executor at once on a failure
 
-        pairs = []
-        for shard in range(len(self.shards)):
-            for iid, pred in self.writer.read_maps("labels", shard).items():
-                uri = storage.join(self.ground_truth, iid + ".png")
-                pairs.append((decode_png(storage.read_bytes(uri), name=uri), pred))
-        if not pairs:
-            return None
-        num_true = int(max(t[t != 255].max(initial=0) for t, _ in pairs)) + 1
-        conf = sum(confusion(t, p, num_true, self.cfg.classes) for t, p in pairs)
-        return {"hungarian_miou": round(hungarian_miou(conf), 4),
-                "majority_miou": round(majority_miou(conf), 4), "images": len(pairs)}
+    def _task(self, name: str) -> Any:
+        import ray
+
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0, **_env())(_stage_task)
+        return ray.get(task.remote(name, *self._args()))
 
     def timed(self, name: str, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
@@ -331,14 +281,64 @@ class LabelingRun:
         return out
 
 
-def run_labeling(cfg: LabelConfig, address: str | None = None, progress: bool = True) -> dict:
+def _one_list(values: pa.ChunkedArray) -> pa.ListArray:
+    """A column as a single list<string> value (one shard's ids or URIs in one row)."""
+    flat = values.combine_chunks()
+    return pa.ListArray.from_arrays(pa.array([0, len(flat)], pa.int32()), flat)
+
+
+def _env() -> dict[str, Any]:
+    """The driver's storage settings (endpoint, credentials, timeouts) for the workers."""
+    env = storage.storage_environment()
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def actor_pool(cfg: LabelConfig) -> tuple[Any, dict[str, Any]]:
+    """The actor pool (from 1 up to the cluster's GPUs or custom resources, or --actors) and
+    the resources of one actor."""
+    import ray
+
+    total = ray.cluster_resources()
+    remote: dict[str, Any] = {"num_cpus": cfg.cpus_per_actor}
+    limits = []
+    if total.get("GPU", 0) > 0 and cfg.gpus_per_actor > 0:
+        remote["num_gpus"] = cfg.gpus_per_actor
+        limits.append(total["GPU"] / cfg.gpus_per_actor)
+    if cfg.actor_resources:
+        remote["resources"] = dict(cfg.actor_resources)
+        limits += [total.get(k, 0) / v for k, v in cfg.actor_resources.items() if v > 0]
+    if cfg.actors is not None:
+        return ray.data.ActorPoolStrategy(size=cfg.actors), remote
+    top = max(1, int(min(limits))) if limits else 1
+    if top == 1:
+        return ray.data.ActorPoolStrategy(size=1), remote
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=top), remote
+
+
+def _map_shards(jobs: list[pa.Table], actor: type, args: tuple, cfg: LabelConfig
+                ) -> Iterator[pa.Table]:
+    """Stream the actors' per-shard summaries; one block per shard spreads them over the pool."""
+    import ray
+
+    strategy, remote = actor_pool(cfg)
+    ds = ray.data.from_arrow(jobs)
+    ds = ds.map_batches(actor, fn_constructor_args=args, batch_size=1, batch_format="pyarrow",
+                        compute=strategy, **remote, **_env())
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def run_labeling(cfg: LabelConfig, address: str | None = None, progress: bool = True,
+                 resume: bool = True) -> dict:
     """Run (or resume) every stage of a labeling job; returns the summary."""
     import ray
 
-    run = LabelingRun(cfg, progress)  # input and output checks before any model is loaded
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, include_dashboard=False)
-    for name in ("segment", "cluster", "label", "pair"):
-        run.timed(name, getattr(run, name))
-    counts = run.timed("finish", run.finish)
+    run = LabelingRun(cfg, progress, resume)  # input and output checks before any model is loaded
+    try:
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        for name in ("segment", "cluster", "label", "pair"):
+            run.timed(name, getattr(run, name))
+        counts = run.timed("finish", run.finish)
+    finally:
+        run.close()
     return {"out": cfg.out, **counts, "seconds": run.timings}

@@ -66,6 +66,37 @@ def kmeans(
     return np.asarray(km.centroids, dtype=np.float32)
 
 
+def kmeans_subset(num_images: int, max_images: int, seed: int) -> np.ndarray:
+    """Sorted indices (M,) int64 of the images whose segments feed K-means.
+
+    All images when ``num_images <= max_images``; otherwise a seeded random choice of
+    ``max_images`` without replacement (the paper clusters a random subset of large sets), so the
+    caller reads only those images' segment rows.
+    """
+    if num_images < 0 or max_images < 1:
+        raise ValueError(f"kmeans_subset: need num_images >= 0 and max_images >= 1, got "
+                         f"{num_images} and {max_images}")
+    if num_images <= max_images:
+        return np.arange(num_images, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(num_images, max_images, replace=False)).astype(np.int64)
+
+
+def subset_rows(row_image: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """Indices (R,) int64 of the rows whose image index (``row_image`` (S,)) is in ``images``.
+
+    ``images`` is sorted (as ``kmeans_subset`` returns it); rows keep their order.
+    """
+    images = np.asarray(images)
+    row_image = np.asarray(row_image)
+    if len(images) == 0:
+        return np.zeros(0, np.int64)
+    if (np.diff(images) <= 0).any():
+        raise ValueError("subset_rows: images must be sorted and unique")
+    pos = np.minimum(np.searchsorted(images, row_image), len(images) - 1)
+    return np.flatnonzero(images[pos] == row_image).astype(np.int64)
+
+
 def assign_nearest(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid (squared L2) for each row of ``features`` (N, D) -> (N,)."""
     f = features.float()

@@ -15,6 +15,26 @@ def confusion(truth: np.ndarray, pred: np.ndarray, num_true: int, num_pred: int,
     return np.bincount(t * num_pred + p, minlength=num_true * num_pred).reshape(num_true, num_pred)
 
 
+def confusion_entries(truth: np.ndarray, pred: np.ndarray, ignore_index: int = 255
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The non-zero cells of :func:`confusion` as columns (true class, pseudo-class, pixels)."""
+    if truth.shape != pred.shape:
+        raise ValueError(f"ground-truth mask is {truth.shape}, pseudo-labels are {pred.shape}")
+    keep = truth.reshape(-1) != ignore_index
+    t = truth.reshape(-1)[keep].astype(np.int64)
+    p = pred.reshape(-1)[keep].astype(np.int64)
+    cells, pixels = np.unique(t * 65536 + p, return_counts=True)  # pseudo-classes are uint16
+    return cells // 65536, cells % 65536, pixels.astype(np.int64)
+
+
+def confusion_from_entries(true_class: np.ndarray, pred_class: np.ndarray, pixels: np.ndarray,
+                           num_true: int, num_pred: int) -> np.ndarray:
+    """(num_true, num_pred) confusion matrix summed from (true, pred, pixels) columns."""
+    flat = np.asarray(true_class, np.int64) * num_pred + np.asarray(pred_class, np.int64)
+    return np.bincount(flat, weights=pixels, minlength=num_true * num_pred).astype(
+        np.int64).reshape(num_true, num_pred)
+
+
 def _miou_from_mapping(conf: np.ndarray, mapping: np.ndarray) -> float:
     """mIoU over true classes when pseudo-class j is read as true class mapping[j] (-1: none)."""
     num_true = conf.shape[0]

@@ -14,6 +14,45 @@ from typing import Annotated
 import typer
 
 app = typer.Typer(add_completion=False, help=__doc__)
+PROG = "labeling.run"
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception raised in a worker, unwrapped from Ray's task and dataset errors."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError
+        if isinstance(cause, BaseException):
+            exc = cause
+        elif type(exc).__module__.startswith("ray.") and exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            break
+    return exc
+
+
+def classify(exc: BaseException) -> int | None:
+    """Exit code of a failure worth one line: 2 for bad input, 1 for a failed environment
+    (storage, credentials, a lost lease); None for anything else (a bug: keep the traceback)."""
+    from labeling.stages import ShardEnvironmentError
+    from shared import storage
+    from shared.labelset import LabelSetError
+    from shared.lease import LeaseError
+
+    if isinstance(exc, (LeaseError, ShardEnvironmentError, storage.StorageError)):
+        return 1
+    if isinstance(exc, (ValueError, FileNotFoundError, LabelSetError)):
+        return 2
+    return None
+
+
+def error_line(exc: BaseException) -> str:
+    """``labeling.run: error: <message>``; an OSError without its errno prefix."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, OSError) and exc.filename:
+        text = f"{text}: {exc.filename}"
+    return f"{PROG}: error: {text}"
 
 
 @app.command()
@@ -32,13 +71,12 @@ def main(
     address: Annotated[str | None, typer.Option(help="Ray address (default: RAY_ADDRESS or a local Ray)")] = None,
     config: Annotated[str | None, typer.Option(help="YAML config file (see labeling/config.py)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. diffcut.tau=0.4")] = None,
-    resume: Annotated[bool, typer.Option(help="skip finished shards of an existing run at --out")] = True,
+    resume: Annotated[bool, typer.Option(help="skip finished work of a label set at --out; --no-resume removes that label set first (only a label set is ever removed)")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
 ) -> None:
     """Label an image collection: DiffCut segments, pseudo-classes, query/positive pairs."""
     from labeling.config import LabelConfig
     from labeling.pipeline import run_labeling
-    from shared import storage
     from shared.config import deep_merge, load_config, parse_overrides
 
     flags = {"images": images, "out": out, "backbone": backbone, "weights": weights,
@@ -47,13 +85,33 @@ def main(
     flags = {k: v for k, v in flags.items() if v is not None}
     if tiny:
         flags["tiny"] = True
-    # precedence: defaults <- YAML file <- --set overrides <- explicit flags
-    cfg = load_config(LabelConfig, config, deep_merge(parse_overrides(set_ or []), flags))
-    if not resume and storage.exists(cfg.out):
-        storage.remove(cfg.out, recursive=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    summary = run_labeling(cfg, address=address or os.environ.get("RAY_ADDRESS"), progress=not quiet)
+    try:
+        # precedence: defaults <- YAML file <- --set overrides <- explicit flags
+        cfg = load_config(LabelConfig, config, deep_merge(parse_overrides(set_ or []), flags))
+        summary = run_labeling(cfg, address=address or os.environ.get("RAY_ADDRESS"),
+                               progress=not quiet, resume=resume)
+    except Exception as exc:
+        cause = root_cause(exc)
+        code = classify(cause)
+        if code is None:
+            raise
+        typer.echo(error_line(cause), err=True)
+        raise typer.Exit(code) from None
+    finally:
+        _stop_ray()
     typer.echo(json.dumps(summary, indent=2))
+
+
+def _stop_ray() -> None:
+    """Shut Ray down so that no executor thread keeps a failed process alive."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 if __name__ == "__main__":

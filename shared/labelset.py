@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from shared import storage
+from shared import lease, storage
 from shared.images import encode_png
 from shared.labelset_format import (
     FORMAT_VERSION,
@@ -35,6 +35,7 @@ from shared.labelset_format import (
     conform,
     decode_map,
     diff,
+    make_table,
     maps_path,
     maps_table,
     marker_path,
@@ -45,7 +46,13 @@ from shared.labelset_format import (
 )
 
 __all__ = ["FORMAT_VERSION", "MAP_KINDS", "SCHEMAS", "LabelSet", "LabelSetError", "LabelSetWriter",
-           "ShardWriter"]
+           "ShardWriter", "is_labelset"]
+
+
+def is_labelset(uri: str) -> bool:
+    """Whether ``uri`` holds a label set, complete or in progress (its markers are there)."""
+    return any(storage.exists(storage.join(uri, name))
+               for name in ("labelset.json", "_progress.json"))
 
 
 # --------------------------------------------------------------------------- writer
@@ -57,6 +64,8 @@ class ShardWriter:
     def __init__(self, parent: LabelSetWriter, stage: str, shard: int):
         self._parent, self.stage, self.shard = parent, stage, shard
         self.files: list[str] = []
+        self.rows: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
         self._where = f"{parent.uri} stage {stage!r} shard {shard}"
 
     def _claim(self, rel: str) -> str:
@@ -72,6 +81,15 @@ class ShardWriter:
             table = self._with_shard_column(table)
         table = conform(name, table, self._where)
         storage.write_parquet(self._claim(table_path(name, self.shard)), table)
+        self.rows[name] = table.num_rows
+
+    def write_columns(self, name: str, **columns) -> None:
+        """Write this shard's part of table ``name`` from NumPy columns (schema order, types)."""
+        self.write_table(name, make_table(name, self._where, **columns))
+
+    def count(self, name: str, value: int) -> None:
+        """Record a count about this shard in its marker (e.g. images with ground truth)."""
+        self.counts[check_name("count", name)] = int(value)
 
     def write_maps(self, kind: str, maps: dict[str, np.ndarray]) -> None:
         """Write per-image (H, W) maps with values in 0..65535 as 16-bit PNGs in one object."""
@@ -94,8 +112,10 @@ class ShardWriter:
         return table
 
     def _commit(self) -> None:
+        self._parent.check_lease()
         marker = {"format_version": FORMAT_VERSION, "stage": self.stage, "shard": self.shard,
-                  "files": sorted(self.files)}
+                  "files": sorted(self.files), "rows": dict(sorted(self.rows.items())),
+                  "counts": dict(sorted(self.counts.items()))}
         storage.write_json(storage.join(self._parent.uri, marker_path(self.stage, self.shard)),
                            marker)
 
@@ -111,9 +131,16 @@ class ShardWriter:
 class LabelSetWriter:
     """Writes a label set shard by shard; resumable; refuses a set made by another config."""
 
-    def __init__(self, uri: str, fingerprint: dict):
+    def __init__(self, uri: str, fingerprint: dict, lease_id: str | None = None,
+                 check: bool = True):
+        """Open (or start) the set at ``uri``. ``lease_id``: the run holding the output lease
+        (shared/lease.py), checked before every commit. ``check=False`` attaches a worker to a
+        set its driver has already opened and checked."""
         self.uri = str(uri).rstrip("/")
         self.fingerprint = canonical(fingerprint, self.uri)
+        self.lease_id = lease_id
+        if not check:
+            return
         progress = self._path("_progress.json")
         if not storage.exists(progress):
             storage.write_json(progress, {"format_version": FORMAT_VERSION,
@@ -126,6 +153,56 @@ class LabelSetWriter:
 
     def _path(self, rel: str) -> str:
         return storage.join(self.uri, rel)
+
+    def check_lease(self) -> None:
+        """LeaseError if this writer's run no longer holds the output lease."""
+        if self.lease_id is not None:
+            lease.check(self.uri, self.lease_id)
+
+    def reset_stage(self, stage: str, identity: dict, tables: tuple[str, ...] = ()) -> bool:
+        """Record what ``stage``'s output depends on; if it was made from something else,
+        discard its committed shards and global ``tables`` (and ``labelset.json``) first.
+
+        Returns True when earlier output was discarded. Only files this set's markers list
+        (or the named global tables) are removed."""
+        identity = canonical(identity, self.uri)
+        progress = self._path("_progress.json")
+        doc = storage.read_json(progress)
+        recorded = doc.get("stages", {}).get(check_name("stage", stage))
+        if recorded == identity:
+            return False
+        stale = self._markers(stage)
+        present = [t for t in tables if self.has_table(t)]
+        if stale or present:
+            self.check_lease()
+            storage.remove(self._path("labelset.json"))
+            for marker in stale:  # the marker first: a half-discarded shard no longer counts
+                storage.remove(self._path(marker_path(stage, marker["shard"])))
+                for rel in marker["files"]:
+                    storage.remove(self._path(rel))
+            for name in present:
+                storage.remove(self._path(table_path(name)))
+        doc.setdefault("stages", {})[stage] = identity
+        storage.write_json(progress, doc)
+        return bool(stale or present)
+
+    def stage_rows(self, stage: str) -> dict[str, int]:
+        """Rows written per table by the committed shards of ``stage`` (from the markers)."""
+        total: dict[str, int] = {}
+        for marker in self._markers(check_name("stage", stage)):
+            for name, rows in marker.get("rows", {}).items():
+                total[name] = total.get(name, 0) + int(rows)
+        return total
+
+    def iter_shard_tables(self, name: str, columns: list[str] | None = None
+                          ) -> Iterator[tuple[int, pa.Table]]:
+        """(shard, table) of every committed shard that wrote table ``name``, in shard order;
+        one shard's table in memory at a time."""
+        check_name("table", name)
+        shards = sorted(m["shard"] for m in self._markers()
+                        if table_path(name, m["shard"]) in m["files"])
+        for shard in shards:
+            yield shard, storage.read_parquet(self._path(table_path(name, shard)), columns)
 
     def is_done(self, stage: str, shard: int) -> bool:
         """Whether ``stage`` has committed ``shard``."""
@@ -156,15 +233,31 @@ class LabelSetWriter:
     def write_table(self, name: str, table: pa.Table) -> None:
         """Write a global (unsharded) table such as ``centroids`` or ``pairs``, atomically."""
         table = conform(check_name("table", name), table, f"{self.uri} global table")
+        self.check_lease()
         storage.write_parquet(self._path(table_path(name)), table)
+
+    def write_columns(self, name: str, **columns) -> None:
+        """Write a global table from NumPy columns (see :meth:`ShardWriter.write_columns`)."""
+        self.write_table(name, make_table(name, f"{self.uri} global table", **columns))
 
     def has_table(self, name: str) -> bool:
         """Whether the global table ``name`` has been written."""
         return storage.exists(self._path(table_path(check_name("table", name))))
 
-    def _markers(self) -> list[dict]:
-        uris = storage.glob(self._path("done/*/shard-*.json"))
+    def _markers(self, stage: str = "*") -> list[dict]:
+        uris = storage.glob(self._path(f"done/{stage}/shard-*.json"))
         return [json.loads(b) for b in storage.read_many(uris)]
+
+    def markers(self, stage: str) -> list[dict]:
+        """The commit markers of ``stage`` (shard, files, rows per table, counts), by shard."""
+        return sorted(self._markers(check_name("stage", stage)), key=lambda m: m["shard"])
+
+    def table_rows(self, name: str) -> int:
+        """Row count of a global table from its Parquet footer (the rows are not read)."""
+        import pyarrow.parquet as pq
+
+        with storage.open_read(self._path(table_path(check_name("table", name)))) as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
 
     def _committed(self, rel: str, shard: int) -> bool:
         found = storage.glob(self._path(f"done/*/{shard_name(shard)}.json"))
@@ -181,13 +274,14 @@ class LabelSetWriter:
 
     read_stage_table = read_table
 
-    def read_shard_table(self, name: str, shard: int) -> pa.Table:
-        """Table ``name`` of one committed shard."""
+    def read_shard_table(self, name: str, shard: int, columns: list[str] | None = None
+                         ) -> pa.Table:
+        """Table ``name`` (optionally only ``columns``) of one committed shard."""
         rel = table_path(check_name("table", name), check_shard(shard))
         if not self._committed(rel, shard):
             raise LabelSetError(
                 f"{self.uri}: no finished stage wrote table {name!r} of shard {shard}")
-        return storage.read_parquet(self._path(rel))
+        return storage.read_parquet(self._path(rel), columns)
 
     def read_maps_png(self, kind: str, shard: int) -> dict[str, bytes]:
         """PNG bytes by image id of a committed shard's ``kind`` maps."""
@@ -224,6 +318,7 @@ class LabelSetWriter:
         globals_ = storage.glob(self._path("tables/*.parquet"))
         contents["global_tables"] = sorted(u.rsplit("/", 1)[1].removesuffix(".parquet")
                                            for u in globals_)
+        self.check_lease()
         created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         doc = {"created": created, "package_version": _package_version(),
                **meta, "format_version": FORMAT_VERSION,

@@ -6,11 +6,14 @@ knows the layout. Under the label set URI (any fsspec URI):
     labelset.json                       meta (format version, config, counts, contents, ...);
                                         written LAST: its presence means the set is complete
     _progress.json                      fingerprint of the producing config, written at first open
-    tables/<name>/shard-00000.parquet   per-shard tables: images, segments, globals, classes
+    _lease.json                         the writing run (owner, heartbeat) while one runs
+    tables/<name>/shard-00000.parquet   per-shard tables: images, segments, globals, classes,
+                                        confusion (pseudo-labels against ground truth, if any)
     tables/<name>.parquet               global tables: centroids, pairs
     maps/<kind>/shard-00000.parquet     per-image maps of a shard, kind "segments" | "labels":
                                         columns image_id, png (lossless 16-bit greyscale PNG bytes)
     done/<stage>/shard-00000.json       a stage's commit marker for a shard, listing its files
+                                        and the row count of each table it wrote
 
 A shard's output counts only once its done-marker exists, and the marker is written after all
 of its files. An exception inside ``writer.shard(...)`` removes every file written for it; a
@@ -28,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from shared import storage
 from shared.images import decode_png
@@ -52,6 +56,8 @@ SCHEMAS: dict[str, pa.Schema] = {
                         ("class_id", pa.int32()), ("query_area", pa.float32()),
                         ("positive_area", pa.float32())]),
     "centroids": pa.schema([("class_id", pa.int32()), ("feature", _FEATURE)]),
+    "confusion": pa.schema([("true_class", pa.int32()), ("pred_class", pa.int32()),
+                            ("pixels", pa.int64())]),
 }
 
 
@@ -124,6 +130,47 @@ def conform(name: str, table: pa.Table, where: str) -> pa.Table:
         columns.append(table.column(extra))
         fields.append(table.schema.field(extra))
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def feature_column(features: np.ndarray) -> pa.ListArray:
+    """(N, D) float32 rows as a list<float32> column, without a Python object per row."""
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    if x.ndim != 2:
+        raise LabelSetError(f"features must be (N, D), got shape {x.shape}")
+    offsets = np.arange(x.shape[0] + 1, dtype=np.int64) * x.shape[1]  # row i: [i*D, (i+1)*D)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(x.reshape(-1))).cast(_FEATURE)
+
+
+def feature_matrix(column: pa.ChunkedArray | pa.Array, where: str = "features") -> np.ndarray:
+    """A list<float32> column of equal-length rows as a float32 (N, D) array (one copy at most)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if len(column) == 0:
+        return np.zeros((0, 0), np.float32)
+    lengths = pc.list_value_length(column)
+    low, high = pc.min_max(lengths).values()
+    if low.as_py() != high.as_py() or column.null_count:
+        raise LabelSetError(f"{where}: rows have different lengths ({low}..{high}) or nulls")
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(values, np.float32).reshape(len(column), int(high.as_py()))
+
+
+def make_table(name: str, where: str, **columns: Any) -> pa.Table:
+    """Table ``name`` of the contract from NumPy / list columns; 2-D arrays fill feature columns."""
+    schema = SCHEMAS[name]
+    if set(columns) != set(schema.names):
+        raise LabelSetError(f"{where}: table {name!r} takes columns {schema.names}, "
+                            f"got {sorted(columns)}")
+    arrays = []
+    for field in schema:
+        value = columns[field.name]
+        if field.type == _FEATURE:
+            arrays.append(feature_column(value))
+        elif isinstance(value, (pa.Array, pa.ChunkedArray)):
+            arrays.append(value.cast(field.type))
+        else:
+            arrays.append(pa.array(value, field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def check_png16(image_id: str, data: bytes, where: str) -> bytes:

@@ -82,6 +82,32 @@ def s3_bucket(s3_endpoint):
     yield f"s3://{name}"
 
 
+def _load_s3_faults():
+    """tests/s3_faults.py as a module: the tests folder is not a package on ``sys.path``."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "dip_tests_s3_faults"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("s3_faults.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture
+def s3_proxy(s3_endpoint):
+    """A fault-injecting proxy (tests/s3_faults.py) in front of the loopback S3 endpoint.
+
+    Point a client at ``s3_proxy.endpoint`` (e.g. ``monkeypatch.setenv("AWS_ENDPOINT_URL", ...)``)
+    and add faults with ``s3_proxy.fail(method=..., key_contains=..., mode=..., times=...)``.
+    """
+    with _load_s3_faults().S3FaultProxy(s3_endpoint, stall_limit=30.0) as proxy:
+        yield proxy
+
+
 @pytest.fixture(params=["local", "s3"])
 def storage_root(request, tmp_path):
     """A writable root URI, once on local disk and once on the loopback S3 endpoint."""
@@ -98,6 +124,7 @@ def ray_local(s3_endpoint):
     env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint, "RAY_USAGE_STATS_ENABLED": "0",
            "HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     ray.init(
+        address="local",  # a Ray of its own, even while another test's cluster runs
         _node_ip_address="127.0.0.1",
         num_cpus=4,
         num_gpus=0,
@@ -252,3 +279,47 @@ def head_node():
     finally:
         _stop_processes_mentioning(temp_dir, f"127.0.0.1:{ports['port']}")
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+class TinyLabeling:
+    """Tiny labeling runs for tests: configs, small image folders, a label set's table bytes."""
+
+    num_images = 10
+
+    @staticmethod
+    def config(images: str, out: str, **kw):
+        from labeling.config import LabelConfig
+
+        base = dict(images=images, out=out, tiny=True, classes=6, shard_size=4, batch_size=4,
+                    actors=1, feature_size=56, kmeans_niter=10, decode_threads=2)
+        base["diffcut"] = {"resolution": 128}
+        base.update(kw)
+        return LabelConfig.model_validate(base)
+
+    def images(self, root: str, corrupt: bool = True) -> str:
+        """``num_images`` synthetic 64x80 scenes (and one corrupt JPEG) under ``root``."""
+        from shared import storage
+        from shared.synthetic import write_synthetic_dataset
+
+        write_synthetic_dataset(root, num_train=self.num_images, num_val=0, size=(64, 80),
+                                seed=3)
+        images = storage.join(root, "images", "train")
+        if corrupt:
+            storage.write_bytes(storage.join(images, "zz_corrupt.jpg"),
+                                b"\xff\xd8\xff\xe0 not a jpeg")
+        return images
+
+    @staticmethod
+    def table_bytes(uri: str) -> dict[str, bytes]:
+        """Every Parquet object of a label set, by relative path."""
+        from shared import storage
+
+        fs, base = storage.url_to_fs(uri)
+        return {path[len(base):]: fs.cat_file(path)
+                for path in sorted(fs.find(base)) if path.endswith(".parquet")}
+
+
+@pytest.fixture(scope="session")
+def tiny_labeling():
+    """Helpers for tiny labeling runs (see :class:`TinyLabeling`)."""
+    return TinyLabeling()

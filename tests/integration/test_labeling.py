@@ -1,53 +1,29 @@
 """The labeling service end to end on a local Ray with tiny models: local disk and loopback S3,
-a corrupt input, an interrupted run resumed without redoing finished shards."""
+a corrupt input, an interrupted run resumed without redoing finished shards, a new K that
+keeps the segments."""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from labeling.config import LabelConfig
 from labeling.pipeline import LabelingRun, run_labeling
 from shared import storage
 from shared.labelset import LabelSet, LabelSetError
-from shared.synthetic import write_synthetic_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 NUM_IMAGES = 10
 
 
-def tiny_config(images: str, out: str, **kw) -> LabelConfig:
-    base = dict(images=images, out=out, tiny=True, classes=6, shard_size=4, batch_size=4,
-                actors=1, feature_size=56, kmeans_niter=10)
-    base["diffcut"] = {"resolution": 128}
-    base.update(kw)
-    return LabelConfig.model_validate(base)
-
-
-def make_images(root: str, corrupt: bool = True) -> str:
-    write_synthetic_dataset(root, num_train=NUM_IMAGES, num_val=0, size=(64, 80), seed=3)
-    images = storage.join(root, "images", "train")
-    if corrupt:
-        storage.write_bytes(storage.join(images, "zz_corrupt.jpg"), b"\xff\xd8\xff\xe0 not a jpeg")
-    return images
-
-
-def table_bytes(uri: str) -> dict[str, bytes]:
-    """Every Parquet object of a label set, by relative path."""
-    fs, base = storage.url_to_fs(uri)
-    out = {}
-    for path in sorted(fs.find(base)):
-        if path.endswith(".parquet"):
-            out[path[len(base):]] = fs.cat_file(path)
-    return out
-
-
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory, ray_local):
+def local_run(tmp_path_factory, ray_local, tiny_labeling):
     root = tmp_path_factory.mktemp("labeling")
-    images = make_images(str(root / "data"))
-    cfg = tiny_config(images, str(root / "labels"))
+    images = tiny_labeling.images(str(root / "data"))
+    cfg = tiny_labeling.config(images, str(root / "labels"))
     summary = run_labeling(cfg, progress=False)
     return cfg, summary
 
@@ -82,65 +58,93 @@ def test_local_run_writes_a_complete_label_set(local_run):
     assert summary["pairs"] == len(pairs)
 
 
-def test_rerun_of_a_finished_set_changes_nothing(local_run):
+def test_rerun_of_a_finished_set_changes_nothing(local_run, tiny_labeling):
     cfg, _ = local_run
-    before = table_bytes(cfg.out)
+    before = tiny_labeling.table_bytes(cfg.out)
     run_labeling(cfg, progress=False)
-    assert table_bytes(cfg.out) == before
+    assert tiny_labeling.table_bytes(cfg.out) == before
 
 
-def test_interrupted_run_resumes_without_redoing_shards(local_run, tmp_path, monkeypatch):
+def _files(root: str, folder: str) -> dict[str, tuple[bytes, int]]:
+    """Bytes and modification time of every file below ``root/folder``."""
+    base = Path(root) / folder
+    return {str(p.relative_to(base)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(base.rglob("*")) if p.is_file()}
+
+
+def test_interrupted_run_resumes_without_redoing_shards(local_run, tmp_path, s3_bucket,
+                                                        s3_proxy, monkeypatch, tiny_labeling):
     ref_cfg, _ = local_run
-    cfg = ref_cfg.model_copy(update={"out": str(tmp_path / "labels")})
-    calls = {"labels": 0, "segments": 0}
-    write_labels = LabelingRun._write_labels
-    write_segments = LabelingRun._write_segments
-
-    def failing_labels(self, shard, rows):
-        calls["labels"] += 1
-        if calls["labels"] == 2:
-            raise RuntimeError("simulated crash after one shard")
-        return write_labels(self, shard, rows)
-
-    monkeypatch.setattr(LabelingRun, "_write_labels", failing_labels)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_labeling(cfg, progress=False)
+    images = tiny_labeling.images(f"{s3_bucket}/data")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_proxy.endpoint)
+    monkeypatch.setenv("DIP_STORAGE_ATTEMPTS", "1")
+    cfg = ref_cfg.model_copy(update={"images": images, "out": str(tmp_path / "labels")})
+    run = LabelingRun(cfg, progress=False)
+    try:
+        run.segment()
+        run.cluster()
+        s3_proxy.fail(method="GET", key_contains="000006.jpg", mode="reset")  # shard 1
+        with pytest.raises(Exception, match="000006.jpg"):
+            run.label()
+    finally:
+        run.close()
     with pytest.raises(LabelSetError, match="labelset.json"):
         LabelSet(cfg.out)
-
-    def counting_segments(self, shard, rows):
-        calls["segments"] += 1
-        return write_segments(self, shard, rows)
-
-    monkeypatch.setattr(LabelingRun, "_write_labels", write_labels)
-    monkeypatch.setattr(LabelingRun, "_write_segments", counting_segments)
+    segments = _files(cfg.out, "done/segments")
+    labelled = _files(cfg.out, "done/labels")
+    assert len(segments) == 3 and 0 < len(labelled) < 3
+    s3_proxy.clear()
     run_labeling(cfg, progress=False)
-    assert calls["segments"] == 0  # stage 2 was finished before the crash
-    assert table_bytes(cfg.out) == table_bytes(ref_cfg.out)
+    assert _files(cfg.out, "done/segments") == segments  # stage 2 was not redone
+    assert {k: v for k, v in _files(cfg.out, "done/labels").items() if k in labelled} == labelled
+    # the same label set as the run from local disk, but for where the images were read from
+    ref, ours = (tiny_labeling.table_bytes(c.out) for c in (ref_cfg, cfg))
+    assert ref.keys() == ours.keys()
+    assert {k: v for k, v in ours.items() if "/images/" not in k} == \
+        {k: v for k, v in ref.items() if "/images/" not in k}
+    assert LabelSet(cfg.out).images().drop_columns(["uri", "error"]).equals(
+        LabelSet(ref_cfg.out).images().drop_columns(["uri", "error"]))
 
 
-def test_other_config_at_same_uri_is_refused_before_work(local_run):
+def test_a_new_k_redoes_kmeans_labels_and_pairs_only(local_run, tmp_path, tiny_labeling):
+    ref_cfg, _ = local_run
+    out = tmp_path / "labels"
+    shutil.copytree(ref_cfg.out, out)
+    segments = _files(str(out), "tables/segments")
+    maps = _files(str(out), "maps/segments")
+    cfg = ref_cfg.model_copy(update={"out": str(out), "classes": 5})
+    summary = run_labeling(cfg, progress=False)
+    assert _files(str(out), "tables/segments") == segments and \
+        _files(str(out), "maps/segments") == maps
+    ls = LabelSet(cfg.out)
+    assert ls.centroids().shape[0] == 5 and ls.meta["num_classes"] == 5
+    assert max(c for i in ls.image_ids for c, _ in ls.classes(i)) < 5
+    assert summary["images"] == NUM_IMAGES + 1
+
+
+def test_a_config_that_changes_the_segments_is_refused_before_work(local_run):
     cfg, _ = local_run
-    other = cfg.model_copy(update={"classes": 5})
-    with pytest.raises(LabelSetError, match="classes"):
+    other = cfg.model_copy(update={"diffcut": cfg.diffcut.model_copy(update={"tau": 0.4})})
+    with pytest.raises(LabelSetError, match="diffcut"):
         LabelingRun(other, progress=False)
 
 
-def test_missing_and_empty_inputs_fail_clearly(tmp_path):
+def test_missing_and_empty_inputs_fail_clearly(tmp_path, tiny_labeling):
+    config = tiny_labeling.config
     with pytest.raises(FileNotFoundError, match="not found"):
-        LabelingRun(tiny_config(str(tmp_path / "nope"), str(tmp_path / "out")), progress=False)
+        LabelingRun(config(str(tmp_path / "nope"), str(tmp_path / "out")), progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
-        LabelingRun(tiny_config(str(tmp_path / "empty"), str(tmp_path / "out")), progress=False)
-    images = make_images(str(tmp_path / "data"), corrupt=False)
+        LabelingRun(config(str(tmp_path / "empty"), str(tmp_path / "out")), progress=False)
+    images = tiny_labeling.images(str(tmp_path / "data"), corrupt=False)
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(storage.StorageError, match="not writable"):
-        LabelingRun(tiny_config(images, str(tmp_path / "a_file" / "labels")), progress=False)
+        LabelingRun(config(images, str(tmp_path / "a_file" / "labels")), progress=False)
 
 
-def test_s3_in_and_out(s3_bucket, ray_local):
-    images = make_images(f"{s3_bucket}/data", corrupt=False)
-    cfg = tiny_config(images, f"{s3_bucket}/labels")
+def test_s3_in_and_out(s3_bucket, ray_local, tiny_labeling):
+    images = tiny_labeling.images(f"{s3_bucket}/data", corrupt=False)
+    cfg = tiny_labeling.config(images, f"{s3_bucket}/labels")
     summary = run_labeling(cfg, progress=False)
     ls = LabelSet(cfg.out)
     assert summary["images_failed"] == 0
@@ -148,8 +152,8 @@ def test_s3_in_and_out(s3_bucket, ray_local):
     assert ls.label_map(ls.image_ids[0]).shape == (64, 80)
 
 
-def test_synthetic_default_reports_quality(tmp_path, ray_local):
-    cfg = tiny_config("synthetic", str(tmp_path / "labels"), synthetic_images=8,
+def test_synthetic_default_reports_quality(tmp_path, ray_local, tiny_labeling):
+    cfg = tiny_labeling.config("synthetic", str(tmp_path / "labels"), synthetic_images=8,
                       synthetic_size=64)
     summary = run_labeling(cfg, progress=False)
     quality = summary["quality"]

@@ -8,10 +8,12 @@ from labeling.pseudo_classes import (
     assign_nearest,
     class_areas,
     kmeans,
+    kmeans_subset,
     majority_vote,
     pool_segment_features,
     pseudo_label_map,
     segment_coverage,
+    subset_rows,
 )
 
 
@@ -97,3 +99,44 @@ def test_kmeans_recovers_separated_clusters_deterministically():
 def test_kmeans_refuses_more_centroids_than_points():
     with pytest.raises(ValueError, match="K=5"):
         kmeans(np.zeros((3, 2), np.float32), 5)
+
+
+def test_kmeans_is_deterministic_for_a_seed_on_overlapping_data():
+    # overlapping clusters: the result depends on the initialisation, so the seed must fix it
+    x = np.random.default_rng(2).normal(size=(3000, 16)).astype(np.float32)
+    a = kmeans(x, 20, seed=7, niter=10)
+    np.testing.assert_array_equal(a, kmeans(x, 20, seed=7, niter=10))
+    assert not np.array_equal(a, kmeans(x, 20, seed=8, niter=10))
+    assert a.shape == (20, 16) and a.dtype == np.float32
+
+
+def test_kmeans_subset_takes_all_images_up_to_the_limit():
+    np.testing.assert_array_equal(kmeans_subset(5, 5, seed=0), np.arange(5))
+    np.testing.assert_array_equal(kmeans_subset(3, 10, seed=0), np.arange(3))
+    assert len(kmeans_subset(0, 10, seed=0)) == 0
+
+
+def test_kmeans_subset_is_a_seeded_sorted_choice_without_replacement():
+    a = kmeans_subset(1000, 100, seed=3)
+    assert a.dtype == np.int64 and len(a) == 100
+    assert (np.diff(a) > 0).all() and a.min() >= 0 and a.max() < 1000  # sorted, distinct
+    np.testing.assert_array_equal(a, kmeans_subset(1000, 100, seed=3))
+    assert not np.array_equal(a, kmeans_subset(1000, 100, seed=4))
+    # the same images the driver picked from its sorted ids with this seed
+    ids = np.array([f"img{i:04d}" for i in range(1000)])
+    chosen = np.random.default_rng(3).choice(ids, 100, replace=False)
+    np.testing.assert_array_equal(ids[a], np.sort(chosen))
+
+
+def test_kmeans_subset_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="max_images >= 1"):
+        kmeans_subset(10, 0, seed=0)
+
+
+def test_subset_rows_keeps_the_rows_of_the_chosen_images_in_order():
+    row_image = np.array([4, 0, 2, 2, 9, 4, 7])
+    assert subset_rows(row_image, np.array([2, 4])).tolist() == [0, 2, 3, 5]
+    assert subset_rows(row_image, np.array([10])).tolist() == []
+    assert subset_rows(row_image, np.zeros(0, int)).tolist() == []
+    with pytest.raises(ValueError, match="sorted"):
+        subset_rows(row_image, np.array([4, 2]))
