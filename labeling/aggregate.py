@@ -93,7 +93,7 @@ def pair(writer: LabelSetWriter, cfg: LabelConfig, device: str | None = None) ->
         writer.write_columns("pairs", query_id=[], positive_id=[], class_id=[], query_area=[],
                              positive_area=[])
         return 0
-    nn = nearest_neighbours(feats, cfg.neighbours, device=device)
+    nn = nearest_neighbours(feats, cfg.neighbours, device=device, method=cfg.pair_search)
     del feats
     sel = select_pairs(nn, np.concatenate(img), np.concatenate(cls), np.concatenate(area),
                        cfg.min_area)

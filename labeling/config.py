@@ -38,6 +38,9 @@ class LabelConfig(Config):
     kmeans_max_images: int = Field(200_000, ge=1)  # above this, K-means on a random subset
     kmeans_niter: int = Field(25, ge=1)
     neighbours: int = Field(5, ge=1)  # nearest neighbours per image for pairs
+    # "exact" (blocked products, the default) or "ivf" (faiss inverted lists: approximate, for
+    # many millions of images without a GPU; check its recall on your features first)
+    pair_search: Literal["exact", "ivf"] = "exact"
     min_area: float = Field(0.05, ge=0, lt=1)  # a shared class must cover more than this of both
     shard_size: int = Field(256, ge=1)
     batch_size: int = Field(8, ge=1)  # images per GPU batch
@@ -64,7 +67,7 @@ STAGE_FIELDS: dict[str, frozenset[str]] = {
     "segments": frozenset(),
     "centroids": frozenset({"classes", "kmeans_max_images", "kmeans_niter"}),
     "labels": frozenset({"ground_truth"}),
-    "pairs": frozenset({"neighbours", "min_area"}),
+    "pairs": frozenset({"neighbours", "min_area", "pair_search"}),
 }
 
 

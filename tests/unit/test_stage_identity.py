@@ -21,6 +21,7 @@ def changed(update: dict) -> list[str]:
     ({"ground_truth": "/truth"}, ["labels", "pairs"]),
     ({"neighbours": 3}, ["pairs"]),
     ({"min_area": 0.2}, ["pairs"]),
+    ({"pair_search": "ivf"}, ["pairs"]),
     ({"diffcut": {"tau": 0.4}}, STAGES),
     ({"backbone": "vitb14"}, STAGES),
     ({"shard_size": 7}, STAGES),
