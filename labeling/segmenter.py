@@ -323,8 +323,8 @@ class DiffCutSegmenter(Segmenter):
 
 def to_device(image: np.ndarray, device: torch.device) -> Tensor:
     """(H, W, 3) uint8 array -> the same uint8 tensor on `device` (a quarter of float32's bytes)."""
-    if device.type != "cuda":
-        return torch.from_numpy(image).to(device)
+    if device.type != "cuda":  # torch shares the array's memory, so it must be writable
+        return torch.from_numpy(image if image.flags.writeable else image.copy()).to(device)
     pinned = torch.empty(image.shape, dtype=torch.uint8, pin_memory=True)
     pinned.numpy()[...] = image  # from page-locked memory the upload is queued, not waited for
     return pinned.to(device, non_blocking=True)
