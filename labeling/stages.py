@@ -164,6 +164,8 @@ def isolate(fn: Callable[[list[Any]], list[Any]], items: list[Any], names: list[
 
     An environment failure is raised at once; any other failure of one item is returned as a
     Failure naming it."""
+    if not items:
+        return []
     try:
         return fn(items)
     except Exception as exc:
@@ -177,8 +179,9 @@ def isolate(fn: Callable[[list[Any]], list[Any]], items: list[Any], names: list[
 
 
 def _systemic(failures: list[str], ok: int, where: str) -> None:
-    """Every image of a shard failing in the models is the environment's fault, not theirs."""
-    if failures and ok == 0:
+    """Several images of a shard, and none passing, failing in the models is the environment's
+    fault (a broken device, a bug), not theirs: the shard fails instead of recording them."""
+    if len(failures) > 1 and ok == 0:
         raise ShardEnvironmentError(f"{where}: every image failed in the models, the first with "
                                     f"{failures[0]}")
 
