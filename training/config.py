@@ -28,6 +28,10 @@ class TrainConfig(Config):
     resize: int = Field(256, ge=1, description="shorter side before the centre crop")
     crop: int = Field(224, ge=1, description="centre crop size (a multiple of the patch size)")
     num_distractors: int = Field(7, ge=0)
+    distractors: Literal["distinct", "released"] = Field(
+        "distinct", description="distinct: other positives without replacement; released: "
+        "permutations of groups of 4 tasks, repeats and the own positive included"
+    )
     temperature: float = Field(0.07, gt=0)
     loss: Literal["released", "nll"] = "released"
     ignore_index: int | None = Field(None, description="pseudo-label value left out of the loss")
@@ -40,6 +44,7 @@ class TrainConfig(Config):
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(0.05, ge=0, description="not applied to biases and 1-D parameters")
     precision: Literal["bf16", "fp32"] = Field("bf16", description="autocast dtype on GPU (CPU: fp32)")
+    compile_model: bool = Field(False, description="torch.compile the encoder and head")
     seed: int = 0
     deterministic: bool = Field(
         False, description="deterministic kernels: a resumed run matches an uninterrupted one bit for bit"
@@ -51,6 +56,14 @@ class TrainConfig(Config):
     # data loading
     loader_workers: int = Field(4, ge=0)
     cache_prepared: bool = Field(False, description="keep the prepared crops and label maps in memory")
+    input: Literal["packed", "prepare"] = Field(
+        "packed", description="packed: crops and label maps prepared once into shards, reused by "
+        "every run; prepare: decode and crop each image at every visit"
+    )
+    packed_root: str | None = Field(None, description="where packed inputs live (default <labels>/packed)")
+    packed_shard_size: int = Field(1024, ge=1, description="images per packed shard")
+    packed_window: int = Field(4, ge=1, description="packed shards shuffled together (and held by a reader)")
+    packed_ray: bool = Field(False, description="build missing packed shards as Ray tasks (Ray initialised)")
 
     # checkpoints and metrics
     checkpoint_every: int = Field(1000, ge=1, description="optimizer steps between checkpoints")

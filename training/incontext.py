@@ -25,10 +25,14 @@ def patchify_labels(
     num_classes: int,
     patch_size: int,
     ignore_index: int | None = None,
+    *,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Patch label histogram y_j = (1/p^2) sum_{pixels in patch j} onehot(label) (ignored pixels add 0).
 
-    labels: LongTensor[B,H,W] -> FloatTensor[B, (H/p)*(W/p), num_classes], patches in row-major order.
+    labels: integer Tensor[B,H,W] -> FloatTensor[B, (H/p)*(W/p), num_classes], patches in row-major
+    order. ``check_values=False`` skips the label range check, which waits for the device; only for
+    callers that checked the labels on the host before moving them.
     """
     if labels.ndim != 3:
         raise ValueError(f"labels must be (B,H,W), got shape {tuple(labels.shape)}")
@@ -38,8 +42,7 @@ def patchify_labels(
     valid = torch.ones_like(labels, dtype=torch.bool)
     if ignore_index is not None:
         valid = labels != ignore_index
-    bad = valid & ((labels < 0) | (labels >= num_classes))
-    if bad.any():
+    if check_values and (bad := valid & ((labels < 0) | (labels >= num_classes))).any():
         value = int(labels[bad][0])
         raise ValueError(f"label {value} outside [0, {num_classes}) and not the ignore index {ignore_index}")
     rows = torch.arange(height, device=labels.device) // patch_size  # (H,)
@@ -51,6 +54,11 @@ def patchify_labels(
     return counts.view(b, h * w, num_classes) / float(patch_size * patch_size)
 
 
+def _check_temperature(temperature: float) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+
 def soft_nn_predict(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -58,12 +66,46 @@ def soft_nn_predict(
     temperature: float,
 ) -> torch.Tensor:
     """Soft nearest-neighbour transfer (Eq. 1-2): y_i = sum_j softmax_j(cos(q_i, k_j) / T) v_j."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    _check_temperature(temperature)
     if keys.shape[:2] != values.shape[:2]:
         raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} disagree on (B,Ns)")
     q = F.normalize(query, dim=-1)  # (B,Nq,D)
     k = F.normalize(keys, dim=-1)  # (B,Ns,D)
+    return _transfer(q, k, values, temperature)
+
+
+def soft_nn_predict_indexed(
+    query: torch.Tensor,
+    support_keys: torch.Tensor,
+    support_values: torch.Tensor,
+    support_index: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Eq. 1-2 for a batch of tasks sharing a pool of M support images.
+
+    query (B,Nq,D), support_keys (M,Ns,D), support_values (M,Ns,C), support_index (B,S) -> (B,Nq,C):
+    task b's support is images support_index[b]. Equals ``soft_nn_predict(query,
+    support_keys[support_index].flatten(1, 2), support_values[support_index].flatten(1, 2), T)``,
+    but each support image is normalised once, not once per task that uses it.
+    """
+    _check_temperature(temperature)
+    if support_keys.shape[:2] != support_values.shape[:2]:
+        raise ValueError(f"support keys {tuple(support_keys.shape)} and values "
+                         f"{tuple(support_values.shape)} disagree on (M,Ns)")
+    b, s = support_index.shape
+    q = F.normalize(query, dim=-1)  # (B,Nq,D)
+    k = F.normalize(support_keys, dim=-1)  # (M,Ns,D)
+    device = k.device.type
+    if torch.is_autocast_enabled(device):
+        # the matmul would cast the gathered keys anyway: casting the M images first gathers half
+        k = k.to(torch.get_autocast_dtype(device))
+    keys = k[support_index].reshape(b, s * k.shape[1], -1)  # (B,S,Ns,D) -> (B,S*Ns,D)
+    values = support_values[support_index].reshape(b, s * k.shape[1], -1)  # (B,S*Ns,C)
+    return _transfer(q, keys, values, temperature)
+
+
+def _transfer(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, temperature: float):
+    """softmax(q k^T / T) v for L2-normalised q (B,Nq,D) and k (B,Ns,D), v (B,Ns,C) -> (B,Nq,C)."""
     sim = q @ k.transpose(1, 2)  # (B,Nq,D) x (B,D,Ns) -> (B,Nq,Ns)
     dtype = torch.promote_types(sim.dtype, torch.float32)  # the softmax of sim/T needs fp32 range
     attn = torch.softmax(sim.to(dtype) / temperature, dim=-1)  # (B,Nq,Ns)
@@ -84,12 +126,15 @@ def incontext_loss(
     patch_size: int,
     kind: str = "released",
     ignore_index: int | None = None,
+    *,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Per-pixel loss of the patch prediction, nearest-upsampled by p to the label map.
 
     "released": CE(upsample(pred), labels) with pred taken as logits, L = mean(logsumexp(pred) - pred[y]).
     "nll":      L = mean(-log(upsample(pred)[y] + 1e-8)), the paper's wording.
-    Pixels equal to ``ignore_index`` are left out of the mean.
+    Pixels equal to ``ignore_index`` are left out of the mean. ``check_values=False`` skips the
+    label range check (a device sync and a data-dependent shape), as in :func:`patchify_labels`.
     """
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; expected one of {LOSS_KINDS}")
@@ -104,7 +149,7 @@ def incontext_loss(
     valid = torch.ones_like(labels, dtype=torch.bool)
     if ignore_index is not None:
         valid = labels != ignore_index
-    if ((labels[valid] < 0) | (labels[valid] >= num_classes)).any():
+    if check_values and ((labels[valid] < 0) | (labels[valid] >= num_classes)).any():
         raise ValueError(f"labels outside [0, {num_classes}) that are not the ignore index {ignore_index}")
     pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
     # (score of each patch per class), gathered per pixel instead of materialising (B,C,H,W)

@@ -26,22 +26,32 @@ from shared.backbones import get_spec, save_backbone
 from shared.config import ConfigError, save_config
 from training.config import TrainConfig
 from training.episodes import (
+    Batched,
     PairEpisodes,
     TaskBatches,
     check_task_batch,
-    collate,
     derive_seed,
     sample_support,
     steps_per_epoch,
     support_generator,
 )
-from training.model import DIPModel, build_model, task_loss
+from training.model import (
+    DIPModel,
+    batch_to_device,
+    build_model,
+    fast_matmul,
+    peak_memory_bytes,
+    task_loss,
+)
+from training.packed import PackedEpisodes, packed_episodes
 
 log = logging.getLogger(__name__)
 
 # checkpoint keys that must agree with the config of a run resuming from it
 IDENTITY_KEYS = ("backbone", "tiny", "trainable_blocks", "head_hidden_mult", "head_dim", "seed",
-                 "batch_size", "epochs", "base_lr", "weight_decay", "resize", "crop")
+                 "batch_size", "epochs", "base_lr", "weight_decay", "resize", "crop",
+                 "input", "packed_shard_size", "packed_window",  # these three set the order
+                 "distractors")
 # what a checkpoint holds, and the type of each entry
 CHECKPOINT_ENTRIES = {"step": int, "epoch": int, "model": dict, "optimizer": dict,
                       "scheduler": dict, "rng": torch.Tensor, "identity": dict}
@@ -68,6 +78,7 @@ class TrainResult:
     total_steps: int
     last_loss: float
     encoder_uri: str | None
+    peak_memory_bytes: int = 0  # CUDA max_memory_allocated on a GPU, peak RSS on a CPU
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -89,9 +100,14 @@ def cosine_factor(step: int, total_steps: int) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
-    """AdamW with the released betas and decay, and a per-iteration cosine schedule."""
+    """AdamW with the released betas and decay, and a per-iteration cosine schedule.
+
+    On CUDA the fused AdamW kernel updates every parameter in one launch (same update rule).
+    """
+    fused = next(model.parameters()).device.type == "cuda"
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas)
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+        fused=fused or None,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_factor(step, total_steps)
@@ -209,7 +225,8 @@ def resume_point(out: str) -> tuple[str, dict] | None:
 def check_identity(cfg: TrainConfig, state: dict, uri: str, num_pairs: int) -> None:
     """A checkpoint only resumes the run that wrote it: same model, data and schedule."""
     now = {k: getattr(cfg, k) for k in IDENTITY_KEYS} | {"num_pairs": num_pairs}
-    saved = state["identity"]
+    # a key newer than the checkpoint had its default when the checkpoint was written
+    saved = {k: TrainConfig.model_fields[k].default for k in IDENTITY_KEYS} | state["identity"]
     diff = [f"{k}: checkpoint {saved.get(k)!r} != now {v!r}" for k, v in now.items() if saved.get(k) != v]
     if diff:
         raise ValueError(
@@ -256,8 +273,11 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def prepare(cfg: TrainConfig, rt: Runtime) -> tuple[PairEpisodes, int]:
-    """Every input check that can fail, before any model is built; returns (data, total steps)."""
+def prepare(cfg: TrainConfig, rt: Runtime) -> tuple[PairEpisodes | PackedEpisodes, int]:
+    """Every input check that can fail, before any model is built; returns (data, total steps).
+
+    With the packed input, rank 0 (or the driver of a Ray run) builds the pack when it is missing.
+    """
     if not cfg.labels or not cfg.out:
         raise ConfigError("training needs both a label set URI (labels) and an output URI (out)")
     try:
@@ -268,9 +288,12 @@ def prepare(cfg: TrainConfig, rt: Runtime) -> tuple[PairEpisodes, int]:
         where = cfg.weights if "://" in cfg.weights else os.path.abspath(cfg.weights)
         raise FileNotFoundError(f"backbone weight file not found: {cfg.weights} "
                                 f"(looked at {where})")
-    check_task_batch(cfg.micro_batch_size, cfg.num_distractors)
+    check_task_batch(cfg.micro_batch_size, cfg.num_distractors, cfg.distractors)
     cfg.accumulation_steps(rt.world_size)
     data = PairEpisodes(cfg.labels, cfg.resize, cfg.crop, cfg.cache_prepared, cfg.ignore_index)
+    if cfg.input == "packed":
+        data = packed_episodes(data, cfg.packed_root, cfg.packed_shard_size, cfg.packed_window,
+                               cfg.packed_ray, build=rt.rank == 0, progress=rt.rank == 0)
     return data, cfg.epochs * steps_per_epoch(len(data), cfg.batch_size)
 
 
@@ -289,7 +312,8 @@ def train(
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
     torch.use_deterministic_algorithms(cfg.deterministic or previous)
     try:
-        return _train(cfg, rt, on_step)
+        with fast_matmul(rt.device):
+            return _train(cfg, rt, on_step)
     finally:
         torch.use_deterministic_algorithms(previous)
 
@@ -308,6 +332,8 @@ def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
 
     start_step, rows = 0, []
     resume = resume_point(cfg.out)
+    if rt.rank == 0:  # the network before any step (a resumed run rebuilds the same one)
+        save_backbone(model.encoder, storage.join(cfg.out, "init.safetensors"))
     if resume is not None:
         resume_uri, state = resume
         check_identity(cfg, state, resume_uri, len(data))
@@ -325,9 +351,12 @@ def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
     if rt.world_size > 1:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile_model:
+        net = torch.compile(net)  # encoder + head: the forward task_loss calls
     batches = TaskBatches(len(data), cfg.seed, cfg.batch_size, cfg.micro_batch_size,
-                          rt.world_size, rt.rank, stop_step, start_step)
-    loader = DataLoader(data, batch_sampler=batches, collate_fn=collate,
+                          rt.world_size, rt.rank, stop_step, start_step, order=data.order)
+    # one call per micro-batch (batch_size=None): the packed input gathers it into batch tensors
+    loader = DataLoader(Batched(data), sampler=batches, batch_size=None,
                         num_workers=cfg.loader_workers, pin_memory=rt.device.type == "cuda")
     steps = batches.steps
     bar = tqdm(total=stop_step, initial=start_step, disable=rt.rank != 0, desc="train", unit="step")
@@ -337,16 +366,19 @@ def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
     for k, batch in enumerate(loader):
         epoch, step, micro = batches.position(k)
         support = sample_support(cfg.micro_batch_size, cfg.num_distractors,
-                                 support_generator(cfg.seed, epoch, step, micro, rt.rank))
-        batch = {key: value.to(rt.device, non_blocking=True) for key, value in batch.items()}
+                                 support_generator(cfg.seed, epoch, step, micro, rt.rank),
+                                 cfg.distractors)
+        # labels checked and narrowed on the host: nothing below waits for the device
+        batch = batch_to_device({**batch, "support": support}, rt.device, data.num_classes,
+                                cfg.ignore_index)
         sync = micro == accum - 1
-        with (contextlib.nullcontext() if sync or net is model else net.no_sync()):
+        with (contextlib.nullcontext() if sync or rt.world_size == 1 else net.no_sync()):
             with _autocast(cfg, rt.device):
                 loss = task_loss(
                     net, batch["query"].float() / 255, batch["query_labels"],
                     batch["positive"].float() / 255, batch["positive_labels"],
-                    support.to(rt.device), data.num_classes, model.patch_size,
-                    cfg.temperature, cfg.loss, cfg.ignore_index,
+                    batch["support"], data.num_classes, model.patch_size,
+                    cfg.temperature, cfg.loss, cfg.ignore_index, check_labels=False,
                 )
             (loss / accum).backward()
         running += loss.detach() / accum
@@ -361,7 +393,8 @@ def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
         running.zero_()
         now = time.perf_counter()
         rows.append({"step": done, "epoch": epoch, "loss": last_loss, "lr": lr,
-                     "images_per_s": 2 * cfg.batch_size / max(now - tick, 1e-9)})
+                     "images_per_s": 2 * cfg.batch_size / max(now - tick, 1e-9),
+                     "peak_memory_mb": peak_memory_bytes(rt.device) / 2**20})
         tick = now
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rows[-1]['images_per_s']:.1f}")
@@ -376,7 +409,8 @@ def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
         encoder_uri = storage.join(cfg.out, "encoder.safetensors")
         save_backbone(model.encoder, encoder_uri)  # the encoder alone, no head
     _barrier(rt)
-    return TrainResult(stop_step, total_steps, last_loss, encoder_uri)
+    return TrainResult(stop_step, total_steps, last_loss, encoder_uri,
+                       peak_memory_bytes(rt.device))
 
 
 def _checkpoint(cfg, rt, model, optimizer, scheduler, step, epoch_steps, num_pairs, rows):

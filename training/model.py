@@ -1,16 +1,21 @@
 """The DIP training model: a partly frozen encoder and an MLP head on its dense patch features.
 
 Query and support images pass through the same encoder and head. The head only exists during
-training; the export is the encoder alone.
+training; the export is the encoder alone. Also the step's plumbing: narrow label maps checked on
+the host and moved without waiting for the device, TF32 on CUDA, peak memory.
 """
 
 from __future__ import annotations
+
+import contextlib
+import resource
+import sys
 
 import torch
 from torch import nn
 
 from shared.backbones import Backbone, load_backbone
-from training.incontext import incontext_loss, patchify_labels, soft_nn_predict
+from training.incontext import incontext_loss, patchify_labels, soft_nn_predict_indexed
 
 
 def make_head(embed_dim: int, hidden_mult: int = 7, out_dim: int = 6144) -> nn.Sequential:
@@ -88,22 +93,24 @@ def task_loss(
     temperature: float = 0.07,
     kind: str = "released",
     ignore_index: int | None = None,
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """Loss of a batch of in-context tasks.
 
     query_images (B,3,H,W), query_labels (B,H,W); support_images (M,3,H,W) and support_labels
     (M,H,W) hold the batch's positives; support_index (B,S) lists, per task, which of the M
     support images form its support set (its own positive first, then the distractors).
+    Labels may be any integer dtype. ``check_labels=False`` skips the label range checks, which
+    wait for the device: the training loop checks each batch on the host instead.
     """
-    b, s = support_index.shape
+    b = support_index.shape[0]
     feats = model(torch.cat([query_images, support_images]))  # (B+M,N,E), one pass for both
     query, support = feats[:b], feats[b:]  # (B,N,E), (M,N,E)
-    values = patchify_labels(support_labels, num_classes, patch_size, ignore_index)  # (M,N,C)
-    n = support.shape[1]
-    keys = support[support_index].reshape(b, s * n, -1)  # (B,S,N,E) -> (B,S*N,E)
-    vals = values[support_index].reshape(b, s * n, -1)  # (B,S,N,C) -> (B,S*N,C)
-    pred = soft_nn_predict(query, keys, vals, temperature)  # (B,N,C)
-    return incontext_loss(pred, query_labels, patch_size, kind, ignore_index)
+    values = patchify_labels(support_labels, num_classes, patch_size, ignore_index,
+                             check_values=check_labels)  # (M,N,C)
+    pred = soft_nn_predict_indexed(query, support, values, support_index, temperature)  # (B,N,C)
+    return incontext_loss(pred, query_labels, patch_size, kind, ignore_index,
+                          check_values=check_labels)
 
 
 def build_model(
@@ -119,3 +126,72 @@ def build_model(
     encoder = load_backbone(backbone, weights=weights, tiny=tiny, device=device)
     model = DIPModel(encoder, trainable_blocks, head_hidden_mult, head_dim)
     return model.to(device) if device is not None else model
+
+
+def label_dtype(num_classes: int, ignore_index: int | None = None) -> torch.dtype:
+    """The smallest of uint8 / int16 / int32 holding every class id and the ignore index."""
+    low = min(0, ignore_index if ignore_index is not None else 0)
+    high = max(num_classes - 1, ignore_index if ignore_index is not None else 0)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return dtype
+    raise ValueError(f"{num_classes} classes with ignore index {ignore_index} do not fit in int32")
+
+
+def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int | None,
+                       name: str = "labels") -> None:
+    """ValueError unless every value of the host tensor is a class id in [0, K) or the ignore index."""
+    if labels.numel() == 0 or (int(labels.min()) >= 0 and int(labels.max()) < num_classes):
+        return
+    bad = (labels < 0) | (labels >= num_classes)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    if bad.any():
+        raise ValueError(f"{name} hold {int(labels[bad][0])}, outside [0, {num_classes}) and not "
+                         f"the ignore index {ignore_index}")
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device, num_classes: int,
+                    ignore_index: int | None = None) -> dict[str, torch.Tensor]:
+    """Move a host batch to ``device`` without waiting for it: label maps (keys ending ``labels``)
+    checked on the host and narrowed to :func:`label_dtype`, everything else (uint8 images, the
+    support index) as it is.
+
+    The checks happen here, on the host, so that the step can skip its own (which would wait for
+    the device); narrow labels move 2-8x fewer bytes than int64.
+    """
+    dtype = label_dtype(num_classes, ignore_index)
+    moved = {}
+    for key, value in batch.items():
+        if key.endswith("labels"):
+            if value.dtype in (torch.uint16, torch.uint32):
+                value = value.to(torch.int64)  # torch has no min/max/compare for these on CPU
+            check_label_values(value, num_classes, ignore_index, name=f"batch {key}")
+            value = value.to(dtype)
+        if device.type == "cuda" and not value.is_pinned():
+            value = value.pin_memory()  # a copy from pageable memory would wait for the device
+        moved[key] = value.to(device, non_blocking=True)
+    return moved
+
+
+@contextlib.contextmanager
+def fast_matmul(device: torch.device):
+    """TF32 matmuls and convolutions on CUDA for the duration (the previous flags are restored)."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: CUDA max_memory_allocated on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux

@@ -115,6 +115,8 @@ def train_on_ray(cfg: TrainConfig):
     from training.loop import Runtime, prepare, resume_point
 
     workers = max(cfg.workers, 1)
+    if cfg.packed_ray and not ray.is_initialized():  # the packed input is built by Ray tasks
+        ray.init(address=cfg.address)
     prepare(cfg, Runtime(world_size=workers))  # bad input fails here, before any worker starts
     resume_point(cfg.out)  # so does a run none of whose checkpoints load
     if not ray.is_initialized():

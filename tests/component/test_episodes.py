@@ -120,3 +120,15 @@ def test_task_batches_split_each_step_across_ranks_and_resume_exactly():
     resumed = TaskBatches(n, 0, batch, micro, world, 1, total, start_step=3)
     assert list(resumed) == per_rank[1][6:]
     assert resumed.position(0) == (1, 3, 0)
+
+
+def test_task_batches_follow_a_given_order_and_batched_builds_micro_batches(tmp_path,
+                                                                          synthetic_labelset):
+    reverse = lambda seed, epoch: torch.arange(16).flip(0).roll(epoch)  # noqa: E731
+    batches = list(TaskBatches(16, 0, 8, 4, 1, 0, total_steps=4, order=reverse))
+    assert batches[:2] == [[15, 14, 13, 12], [11, 10, 9, 8]]
+    assert batches[4] == reverse(0, 1)[:4].tolist()  # epoch 1 = global step 2
+    data = PairEpisodes(synthetic_labelset(str(tmp_path)), resize=32, crop=28)
+    batch = episodes.Batched(data)[[3, 1]]
+    for key, value in batch.items():
+        assert torch.equal(value, torch.stack([data[3][key], data[1][key]]))

@@ -20,6 +20,7 @@ from shared.backbones import (
 )
 from training.config import TrainConfig
 from training.episodes import sample_support
+from training.incontext import incontext_loss, patchify_labels, soft_nn_predict
 from training.loop import cosine_factor, make_optimizer, param_groups
 from training.model import DIPModel, build_model, freeze_encoder, make_head, task_loss
 
@@ -154,3 +155,45 @@ def test_exported_encoder_loads_in_the_registry_and_in_plain_timm(tmp_path):
                               **TINY_ARGS)
     plain.load_state_dict(safetensors.torch.load_file(path), strict=True)
     assert torch.equal(plain.blocks[-1].mlp.fc1.weight, model.encoder.blocks[-1].mlp.fc1.weight)
+
+
+def _gathered_task_loss(model, q, ql, s, sl, support, classes, patch):
+    """The step as first written: each task gathers its support keys, then normalises them."""
+    b, n_support = support.shape
+    feats = model(torch.cat([q, s]))  # (2B,N,E)
+    query, keys = feats[:b], feats[b:]
+    values = patchify_labels(sl, classes, patch)  # (B,N,C)
+    n = keys.shape[1]
+    pred = soft_nn_predict(query, keys[support].reshape(b, n_support * n, -1),
+                           values[support].reshape(b, n_support * n, -1), 0.07)
+    return incontext_loss(pred, ql, patch)
+
+
+def _loss_and_grads(model, loss_fn, *args):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model, *args)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def test_lean_step_gives_the_loss_and_gradients_of_the_gathered_step():
+    torch.manual_seed(0)
+    model = build_model("vits14", weights=None, tiny=True, head_dim=48, device="cpu")
+    q, ql, s, sl, support, classes = _tasks(model)
+    p = model.patch_size
+    old_loss, old = _loss_and_grads(model, _gathered_task_loss, q, ql, s, sl, support, classes, p)
+    small = dict(ql=ql.to(torch.uint8), sl=sl.to(torch.int16))  # the loop's label dtypes
+
+    def lean(m, *args):
+        return task_loss(m, q, small["ql"], s, small["sl"], support, classes, p,
+                         check_labels=False)
+
+    new_loss, new = _loss_and_grads(model, lean)
+    assert torch.allclose(new_loss, old_loss, atol=1e-6, rtol=0)
+    assert set(new) == set(old) and len(new) > 4
+    for name, grad in old.items():
+        assert torch.allclose(new[name], grad, atol=1e-6, rtol=0), name
+    own_only = support[:, :1].repeat(1, 8)  # every task sees only its own positive
+    other_loss = task_loss(model, q, ql, s, sl, own_only, classes, p)
+    assert not torch.allclose(other_loss, old_loss, atol=1e-4)  # the support index matters

@@ -8,7 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.incontext import incontext_loss, patchify_labels, soft_nn_predict
+from training.incontext import (
+    incontext_loss,
+    patchify_labels,
+    soft_nn_predict,
+    soft_nn_predict_indexed,
+)
 
 
 def test_patchify_hand_example():
@@ -150,3 +155,55 @@ def test_loss_rejects_bad_input():
         incontext_loss(pred, torch.zeros(1, 6, 6, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="outside"):
         incontext_loss(pred, torch.full((1, 4, 4), 3), 2)
+
+
+def _support_pool(seed: int = 4, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(5, 6, 16, generator=gen, dtype=dtype)
+    pool = torch.randn(7, 9, 16, generator=gen, dtype=dtype) * 3  # not unit length
+    values = torch.rand(7, 9, 4, generator=gen, dtype=dtype)
+    index = torch.randint(0, 7, (5, 3), generator=gen)  # repeats allowed
+    return query, pool, values, index
+
+
+def test_indexed_soft_nn_equals_soft_nn_over_the_gathered_support():
+    query, pool, values, index = _support_pool(dtype=torch.float64)
+    gathered = soft_nn_predict(query, pool[index].flatten(1, 2), values[index].flatten(1, 2), 0.07)
+    indexed = soft_nn_predict_indexed(query, pool, values, index, 0.07)
+    assert indexed.shape == (5, 6, 4)
+    assert torch.allclose(indexed, gathered, atol=1e-12)
+    shifted = soft_nn_predict_indexed(query, pool, values, (index + 1) % 7, 0.07)
+    assert not torch.allclose(shifted, gathered, atol=1e-3)  # the index decides the support
+
+
+def test_indexed_soft_nn_under_autocast_matches_the_gathered_form():
+    query, pool, values, index = _support_pool()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gathered = soft_nn_predict(query, pool[index].flatten(1, 2), values[index].flatten(1, 2),
+                                   0.07)
+        indexed = soft_nn_predict_indexed(query, pool, values, index, 0.07)
+    # the keys are cast to bf16 before the gather instead of after: the same numbers
+    assert indexed.dtype == gathered.dtype == torch.bfloat16
+    assert torch.equal(indexed, gathered)
+
+
+def test_indexed_soft_nn_rejects_bad_input():
+    query, pool, values, index = _support_pool()
+    with pytest.raises(ValueError, match="temperature"):
+        soft_nn_predict_indexed(query, pool, values, index, 0.0)
+    with pytest.raises(ValueError, match="disagree"):
+        soft_nn_predict_indexed(query, pool, values[:, :5], index, 0.07)
+
+
+def test_unchecked_label_paths_give_the_checked_results():
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 3, (2, 4, 6), generator=gen)
+    labels[0, 0, 0] = 255
+    small = labels.to(torch.uint8)
+    hist = patchify_labels(labels, 3, 2, ignore_index=255)
+    assert torch.equal(patchify_labels(small, 3, 2, ignore_index=255, check_values=False), hist)
+    pred = torch.softmax(torch.randn(2, 6, 3, generator=gen), -1)
+    loss = incontext_loss(pred, labels, 2, ignore_index=255)
+    assert torch.equal(incontext_loss(pred, small, 2, ignore_index=255, check_values=False), loss)
+    with pytest.raises(ValueError, match="outside"):
+        patchify_labels(small, 3, 2)  # 255 is no class and no ignore index: still checked
