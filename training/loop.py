@@ -273,11 +273,8 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def prepare(cfg: TrainConfig, rt: Runtime) -> tuple[PairEpisodes | PackedEpisodes, int]:
-    """Every input check that can fail, before any model is built; returns (data, total steps).
-
-    With the packed input, rank 0 (or the driver of a Ray run) builds the pack when it is missing.
-    """
+def prepare(cfg: TrainConfig, rt: Runtime) -> tuple[PairEpisodes, int]:
+    """Every input check that can fail, before any model is built; returns (data, total steps)."""
     if not cfg.labels or not cfg.out:
         raise ConfigError("training needs both a label set URI (labels) and an output URI (out)")
     try:
@@ -291,10 +288,17 @@ def prepare(cfg: TrainConfig, rt: Runtime) -> tuple[PairEpisodes | PackedEpisode
     check_task_batch(cfg.micro_batch_size, cfg.num_distractors, cfg.distractors)
     cfg.accumulation_steps(rt.world_size)
     data = PairEpisodes(cfg.labels, cfg.resize, cfg.crop, cfg.cache_prepared, cfg.ignore_index)
-    if cfg.input == "packed":
-        data = packed_episodes(data, cfg.packed_root, cfg.packed_shard_size, cfg.packed_window,
-                               cfg.packed_ray, build=rt.rank == 0, progress=rt.rank == 0)
     return data, cfg.epochs * steps_per_epoch(len(data), cfg.batch_size)
+
+
+def training_input(cfg: TrainConfig, data: PairEpisodes, rt: Runtime
+                   ) -> PairEpisodes | PackedEpisodes:
+    """The dataset the loop reads: the packed input by default, which rank 0 (or the driver of
+    a Ray run) builds when it is missing, after the cheaper checks and the model have passed."""
+    if cfg.input != "packed":
+        return data
+    return packed_episodes(data, cfg.packed_root, cfg.packed_shard_size, cfg.packed_window,
+                           cfg.packed_ray, build=rt.rank == 0, progress=rt.rank == 0)
 
 
 def train(
@@ -328,6 +332,7 @@ def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
                         cfg.head_hidden_mult, cfg.head_dim, device=rt.device)
     if cfg.crop % model.patch_size:
         raise ValueError(f"crop {cfg.crop} is not a multiple of the patch size {model.patch_size}")
+    data = training_input(cfg, data, rt)
     optimizer, scheduler = make_optimizer(model, cfg, total_steps)
 
     start_step, rows = 0, []

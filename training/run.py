@@ -112,13 +112,14 @@ def train_on_ray(cfg: TrainConfig):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from training.loop import Runtime, prepare, resume_point
+    from training.loop import Runtime, prepare, resume_point, training_input
 
     workers = max(cfg.workers, 1)
+    data, _ = prepare(cfg, Runtime(world_size=workers))  # bad input fails here, before any worker
+    resume_point(cfg.out)  # so does a run none of whose checkpoints load
     if cfg.packed_ray and not ray.is_initialized():  # the packed input is built by Ray tasks
         ray.init(address=cfg.address)
-    prepare(cfg, Runtime(world_size=workers))  # bad input fails here, before any worker starts
-    resume_point(cfg.out)  # so does a run none of whose checkpoints load
+    training_input(cfg, data, Runtime(world_size=workers))  # the driver builds a missing pack
     if not ray.is_initialized():
         ray.init(address=cfg.address)
     storage_path, filesystem = ray_storage(cfg.out)

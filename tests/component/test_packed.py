@@ -11,7 +11,7 @@ from shared import storage
 from training import packed
 from training.config import TrainConfig
 from training.episodes import EpisodeError, PairEpisodes
-from training.loop import Runtime, prepare
+from training.loop import Runtime, prepare, training_input
 from training.packed import (
     PackedImages,
     PackError,
@@ -152,6 +152,13 @@ def test_a_foreign_folder_is_refused(tmp_path, synthetic_labelset):
         build_pack(source, target, plan, pack_identity(source, plan, 4), progress=False)
 
 
+def opened(cfg: TrainConfig, rt: Runtime | None = None):
+    """The dataset a run of ``cfg`` reads (built first when it is missing)."""
+    rt = rt or Runtime()
+    data, _ = prepare(cfg, rt)
+    return training_input(cfg, data, rt)
+
+
 def test_a_second_run_reuses_the_pack_without_rebuilding(tmp_path, monkeypatch,
                                                          synthetic_labelset):
     uri = synthetic_labelset(str(tmp_path), num_images=16)
@@ -162,19 +169,19 @@ def test_a_second_run_reuses_the_pack_without_rebuilding(tmp_path, monkeypatch,
     cfg = TrainConfig(labels=uri, out=str(tmp_path / "a"), tiny=True, weights=None, resize=32,
                       crop=28, batch_size=8, micro_batch_size=8, packed_root=root,
                       packed_shard_size=8)
-    first, _ = prepare(cfg, Runtime())
+    first = opened(cfg)
     assert written == [0, 1] and first.images.uri.startswith(root)
     mtimes = {u: storage.url_to_fs(u)[0].modified(u) for u in storage.find(root)}
-    second, _ = prepare(cfg.model_copy(update={"out": str(tmp_path / "b"),
-                                               "backbone": "vitb14"}), Runtime())
+    second = opened(cfg.model_copy(update={"out": str(tmp_path / "b"),
+                                               "backbone": "vitb14"}))
     assert written == [0, 1] and second.images.uri == first.images.uri
     assert {u: storage.url_to_fs(u)[0].modified(u) for u in storage.find(root)} == mtimes
-    other, _ = prepare(cfg.model_copy(update={"crop": 24}), Runtime())  # new geometry: new pack
+    other = opened(cfg.model_copy(update={"crop": 24}))  # new geometry: new pack
     assert written == [0, 1, 0, 1] and other.images.uri != first.images.uri
-    plain, _ = prepare(cfg.model_copy(update={"input": "prepare"}), Runtime())
+    plain = opened(cfg.model_copy(update={"input": "prepare"}))
     assert isinstance(plain, PairEpisodes)
     with pytest.raises(PackError, match="is not built"):
-        prepare(cfg.model_copy(update={"packed_root": str(tmp_path / "empty"),
+        opened(cfg.model_copy(update={"packed_root": str(tmp_path / "empty"),
                                        "micro_batch_size": 4, "num_distractors": 3}),
                 Runtime(rank=1, world_size=2))
 
