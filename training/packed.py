@@ -256,8 +256,17 @@ class PackedImages:
             raise PackError(f"image {image_id!r} is not in the packed input {self.uri}")
         return self.rows[image_id]
 
+    @property
+    def label_dtype(self) -> torch.dtype:
+        """The dtype of the label maps :meth:`gather` returns."""
+        stored = {summary["labels"]["dtype"] for summary in self.meta["shards"]}
+        return torch.uint8 if stored <= {"|u1"} else torch.int32
+
     def gather(self, image_ids: list[str], whole: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Crops (n,3,c,c) uint8 and label maps (n,c,c) int64 of ``image_ids``, in that order.
+        """Crops (n,3,c,c) uint8 and label maps (n,c,c) of ``image_ids``, in that order.
+
+        Label maps come as uint8 when every shard stores them so, else int32 (torch has few
+        uint16 operations): 8x or 2x fewer bytes per batch than int64, widened on the device.
 
         ``whole``: load each image's shard whole (the order keeps them few). Otherwise rows of
         shards not held are fetched with concurrent ranged reads (local packs are mapped anyway).
@@ -265,7 +274,7 @@ class PackedImages:
         where = [self._locate(i) for i in image_ids]
         c = self.meta["identity"]["crop"]
         images = torch.empty((len(where), 3, c, c), dtype=torch.uint8)
-        labels = torch.empty((len(where), c, c), dtype=torch.int64)
+        labels = torch.empty((len(where), c, c), dtype=self.label_dtype)
         out_images, out_labels = images.numpy(), labels.numpy()  # views: numpy copies and casts
         far = [] if whole or self.local else [k for k, (s, _) in enumerate(where)
                                              if s not in self._shards]
