@@ -73,6 +73,8 @@ def pair(writer: LabelSetWriter, cfg: LabelConfig, device: str | None = None) ->
     img, cls, area = [], [], []
     offset = 0
     for shard in sorted(rows):
+        if not rows[shard]:
+            continue  # every image of the shard failed: no features, no classes
         glob = writer.read_shard_table("globals", shard)
         x = feature_matrix(glob.column("feature"), f"globals of shard {shard}")
         if feats is None:

@@ -15,6 +15,18 @@ from shared.labelset import LabelSetWriter
 SHARDS, PER_SHARD, SEGS, DIM, K = 3, 4, 3, 8, 4
 
 
+def _failed_shard(writer: LabelSetWriter, shard: int) -> None:
+    """A shard none of whose images could be read: empty segments, globals and classes."""
+    empty = np.zeros((0, 0), np.float32)
+    with writer.shard("segments", shard) as out:
+        out.write_columns("images", image_id=["bad"], uri=["/x/bad.jpg"], width=[0], height=[0],
+                          status=["error"], error=["ImageDecodeError: /x/bad.jpg"], shard=[shard])
+        out.write_columns("segments", image_id=[], segment_id=[], area=[], feature=empty)
+        out.write_columns("globals", image_id=[], feature=empty)
+    with writer.shard("labels", shard) as out:
+        out.write_columns("classes", image_id=[], class_id=[], area=[])
+
+
 @pytest.fixture
 def written(tmp_path):
     rng = np.random.default_rng(0)
@@ -77,6 +89,15 @@ def test_pairs_share_a_class_and_name_real_images(written, search):
     for row in pairs:
         assert row["query_id"] in ok and row["positive_id"] in ok
         assert row["query_id"] != row["positive_id"] and row["class_id"] in (0, 1, 2, 3)
+
+
+def test_a_shard_whose_images_all_failed_is_skipped(written):
+    writer, _, _ = written
+    _failed_shard(writer, SHARDS)
+    cfg = LabelConfig(classes=K, neighbours=2, kmeans_niter=2)
+    assert aggregate.cluster(writer, cfg) == (SHARDS * PER_SHARD - 1) * SEGS
+    assert aggregate.pair(writer, cfg) == (SHARDS * PER_SHARD - 1) * 2
+    assert aggregate.counts(writer, K, SHARDS + 1)["images_failed"] == 2
 
 
 def test_counts_and_quality_from_the_shards(written):
