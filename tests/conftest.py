@@ -221,6 +221,13 @@ def _stop_processes_mentioning(*markers: str) -> None:
             continue
 
 
+@pytest.fixture(scope="session")
+def stop_processes():
+    """``stop(*markers)``: SIGKILL the processes whose command line mentions a marker, with
+    their descendants (see ``_stop_processes_mentioning``)."""
+    return _stop_processes_mentioning
+
+
 class HeadNode:
     """A one-node ``ray start --head`` cluster (auth off, 4 CPUs) and ``ray job submit`` to it."""
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -135,33 +134,10 @@ def _child(images: str, work: str, ray_tmp: str) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=1))
 
 
-def _kill_processes_mentioning(marker: str) -> None:
-    """SIGKILL what a killed child may leave behind: the processes whose command line names its
-    private Ray folder, and their descendants."""
-    parent, hits = {}, set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid = int(stat.parent.name)
-            parent[pid] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            if marker.encode() in (stat.parent / "cmdline").read_bytes():
-                hits.add(pid)
-        except (OSError, ValueError, IndexError):
-            continue
-    grown = True
-    while grown:
-        new = {pid for pid, ppid in parent.items() if ppid in hits} - hits
-        hits |= new
-        grown = bool(new)
-    for pid in hits - {os.getpid()}:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            continue
-
-
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_three_node_cluster_writes_the_label_set_of_a_single_node(tmp_path, tiny_labeling):
+def test_a_three_node_cluster_writes_the_label_set_of_a_single_node(tmp_path, tiny_labeling,
+                                                                   stop_processes):
     from labeling.segmenter import prepare_image
     from shared import storage
     from shared.images import decode_image
@@ -176,7 +152,7 @@ def test_a_three_node_cluster_writes_the_label_set_of_a_single_node(tmp_path, ti
         done = subprocess.run([sys.executable, __file__, images, str(work), ray_tmp], cwd=REPO,
                               env=env, capture_output=True, text=True, timeout=300)
     finally:
-        _kill_processes_mentioning(ray_tmp)
+        stop_processes(ray_tmp)
     assert done.returncode == 0, done.stderr[-5000:]
     report = json.loads((work / "report.json").read_text())
     single, three = report["single"], report["three"]
