@@ -1,7 +1,7 @@
 """The on-disk format of a label set: layout, table schemas, map encoding.
 
-Used only by shared/labelset.py (writer and reader); together they are the only code that
-knows the layout. Under the label set URI (any fsspec URI):
+Used only by shared/labelset.py (writer) and shared/labelset_reader.py (reader); together they
+are the only code that knows the layout. Under the label set URI (any fsspec URI):
 
     labelset.json                       meta (format version, config, counts, contents, ...);
                                         written LAST: its presence means the set is complete

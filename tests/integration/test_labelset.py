@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from shared import labelset, storage
+from shared import labelset_reader, storage
 from shared.labelset import LabelSet, LabelSetError, LabelSetWriter
 
 pytestmark = pytest.mark.integration
@@ -289,8 +289,8 @@ def test_reader_caches_a_few_shard_objects(tmp_path, monkeypatch):
     uri = str(tmp_path / "set")
     write_all(uri)
     reads: list[str] = []
-    real = labelset.read_maps_png
-    monkeypatch.setattr(labelset, "read_maps_png", lambda u: reads.append(u) or real(u))
+    real = labelset_reader.read_maps_png
+    monkeypatch.setattr(labelset_reader, "read_maps_png", lambda u: reads.append(u) or real(u))
     ls = LabelSet(uri, cache_shards=1)
     ls.label_map("img-a")
     ls.label_map("img-b")  # same shard: no new read
