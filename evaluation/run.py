@@ -14,36 +14,11 @@ from typing import Annotated
 
 import typer
 
+from shared.cli import error_line, user_errors
 from shared.config import ConfigError, deep_merge, load_config, parse_overrides
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=False)
 PROG = "evaluation.run"
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input, shown as one ``error:`` line with exit code 2.
-
-    ValueError covers the project's own input errors (ConfigError, DatasetLayoutError,
-    BankError, WeightsError, ImageDecodeError); FileNotFoundError a missing file or folder;
-    LabelSetError a missing, incomplete or foreign label set. Anything else is a bug or an outage
-    and keeps its traceback.
-    """
-    from shared.labelset import LabelSetError
-
-    return (ValueError, FileNotFoundError, LabelSetError)
-
-
-def error_line(exc: BaseException) -> str:
-    """``<prog>: error: <message>`` on one line: the message's own lines are joined with "; ",
-    and an OSError shows its message without the errno prefix."""
-    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    if isinstance(exc, OSError) and exc.filename:
-        text = f"{text}: {exc.filename}"
-    lines = [" ".join(line.split()) for line in text.splitlines()]  # no alignment padding
-    head, *rest = [line for line in lines if line] or [repr(exc)]
-    if rest:
-        head += (" " if head.endswith(":") else "; ") + "; ".join(rest)
-    return f"{PROG}: error: {head}"
 
 
 def flags_to_overrides(backbone, weights, dataset, data_root, out, tiny, address) -> dict:
@@ -95,7 +70,7 @@ def main(
         cfg = load_config(EvalConfig, config, overrides)
         rows = run_benchmark(cfg, log=lambda msg: typer.echo(msg, err=True))
     except user_errors() as exc:  # bad input: say what, no traceback
-        typer.echo(error_line(exc), err=True)
+        typer.echo(error_line(PROG, exc), err=True)
         raise typer.Exit(code=2) from None
     typer.echo(markdown_table(rows))
 

@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from shared.cli import error_line, user_errors
+
 app = typer.Typer(add_completion=False, help=__doc__)
 PROG = "labeling.run"
 
@@ -37,22 +39,14 @@ def classify(exc: BaseException) -> int | None:
     (storage, credentials, a lost lease); None for anything else (a bug: keep the traceback)."""
     from labeling.stages import ShardEnvironmentError
     from shared import storage
-    from shared.labelset import LabelSetError
     from shared.lease import LeaseError
 
-    if isinstance(exc, (LeaseError, ShardEnvironmentError, storage.StorageError)):
+    if isinstance(exc, (LeaseError, ShardEnvironmentError)) or (
+            isinstance(exc, storage.StorageError) and storage.is_environment_error(exc)):
         return 1
-    if isinstance(exc, (ValueError, FileNotFoundError, LabelSetError)):
-        return 2
-    return None
-
-
-def error_line(exc: BaseException) -> str:
-    """``labeling.run: error: <message>``; an OSError without its errno prefix."""
-    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    if isinstance(exc, OSError) and exc.filename:
-        text = f"{text}: {exc.filename}"
-    return f"{PROG}: error: {text}"
+    if isinstance(exc, user_errors()):
+        return 2  # a storage "not found" included: a missing input is the user's
+    return 1 if isinstance(exc, storage.StorageError) else None
 
 
 @app.command()
@@ -96,7 +90,7 @@ def main(
         code = classify(cause)
         if code is None:
             raise
-        typer.echo(error_line(cause), err=True)
+        typer.echo(error_line(PROG, cause), err=True)
         raise typer.Exit(code) from None
     finally:
         _stop_ray()

@@ -10,35 +10,11 @@ from typing import Any
 
 import typer
 
+from shared.cli import error_line, user_errors
 from training.config import TrainConfig
 
 app = typer.Typer(add_completion=False, help="DIP post-training of an encoder on a label set.")
 PROG = "training.run"
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input, shown as one ``error:`` line with exit code 2.
-
-    ValueError covers the project's own input errors (ConfigError, WeightsError, EpisodeError,
-    CheckpointError); FileNotFoundError a missing file or folder; LabelSetError a missing,
-    incomplete or foreign label set. Anything else is a bug or an outage and keeps its traceback.
-    """
-    from shared.labelset import LabelSetError
-
-    return (ValueError, FileNotFoundError, LabelSetError)
-
-
-def error_line(exc: BaseException) -> str:
-    """``<prog>: error: <message>`` on one line: the message's own lines are joined with "; ",
-    and an OSError shows its message without the errno prefix."""
-    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    if isinstance(exc, OSError) and exc.filename:
-        text = f"{text}: {exc.filename}"
-    lines = [" ".join(line.split()) for line in text.splitlines()]  # no alignment padding
-    head, *rest = [line for line in lines if line] or [repr(exc)]
-    if rest:
-        head += (" " if head.endswith(":") else "; ") + "; ".join(rest)
-    return f"{PROG}: error: {head}"
 
 
 def resolve_config(
@@ -164,7 +140,7 @@ def main(
     try:
         result = run_training(resolve_config(config, overrides, flags))
     except user_errors() as exc:  # bad input: say what, no traceback
-        typer.echo(error_line(exc), err=True)
+        typer.echo(error_line(PROG, exc), err=True)
         raise typer.Exit(2) from None
     typer.echo(f"done: {result}")
 
