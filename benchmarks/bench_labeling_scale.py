@@ -118,7 +118,7 @@ def run_stages(uri: str, images: int, shard_size: int, classes: int, kmeans_imag
                niter: int) -> list[tuple[str, Peak]]:
     from labeling import aggregate
     from labeling.config import LabelConfig
-    from labeling.pipeline import _one_list
+    from labeling.pipeline import label_jobs, segment_jobs
     from shared.labelset import LabelSetWriter
 
     cfg = LabelConfig(out=uri, classes=classes, shard_size=shard_size,
@@ -131,12 +131,7 @@ def run_stages(uri: str, images: int, shard_size: int, classes: int, kmeans_imag
                                                                        ".jpg", "")})
         identities = _identities(cfg, listing)
         writer = LabelSetWriter(uri, identities["segments"])
-        jobs = [pa.table({"shard": pa.array([s], pa.int32()),
-                          "image_id": _one_list(listing.slice(s * shard_size,
-                                                              shard_size).column("image_id")),
-                          "uri": _one_list(listing.slice(s * shard_size,
-                                                         shard_size).column("uri"))})
-                for s in range(-(-images // shard_size))]
+        jobs = segment_jobs(listing, shard_size, list(range(-(-images // shard_size))))
     results.append(("listing + segment jobs", peak))
     if writer.has_table("centroids"):
         writer.reset_stage("centroids", {"bench": time.time()}, ("centroids",))
@@ -146,7 +141,7 @@ def run_stages(uri: str, images: int, shard_size: int, classes: int, kmeans_imag
     with Peak() as peak:
         cents = aggregate.centroids(writer)
         done = [m["shard"] for m in writer.markers("labels")]
-        jobs = [pa.table({"shard": pa.array([s], pa.int32())}) for s in range(len(jobs))]
+        jobs = label_jobs(list(range(len(jobs))))
         assert cents.shape == (classes, DIM) and len(done) == len(jobs)
     results.append(("label jobs", peak))
     with Peak() as peak:

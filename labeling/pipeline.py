@@ -208,12 +208,7 @@ class LabelingRun:
         """Stage 2: segments, pooled segment features and global features, per shard."""
         size = self.cfg.shard_size
         todo = [s for s in range(self.num_shards) if not self.writer.is_done("segments", s)]
-        jobs = []
-        for s in todo:
-            part = self.listing.slice(s * size, size)
-            jobs.append(pa.table({"shard": pa.array([s], pa.int32()),
-                                  "image_id": _one_list(part.column("image_id")),
-                                  "uri": _one_list(part.column("uri"))}))
+        jobs = segment_jobs(self.listing, size, todo)
         self._map(jobs, SegmentActor, self._args(), "segment",
                   sum(min(size, self.listing.num_rows - s * size) for s in todo))
 
@@ -228,9 +223,10 @@ class LabelingRun:
         if not todo:
             return
         cents = aggregate.centroids(self.writer)
-        rows = self.writer.markers("segments")
-        images = sum(int(m["rows"].get("globals", 0)) for m in rows if m["shard"] in set(todo))
-        jobs = [pa.table({"shard": pa.array([s], pa.int32())}) for s in todo]
+        wanted = set(todo)
+        images = sum(int(m["rows"].get("globals", 0)) for m in self.writer.markers("segments")
+                     if m["shard"] in wanted)
+        jobs = label_jobs(todo)
         self._map(jobs, LabelActor, (*self._args(), cents), "label", images)
 
     def pair(self) -> None:
@@ -279,6 +275,22 @@ class LabelingRun:
         out = fn()
         self.timings[name] = round(time.perf_counter() - t0, 3)
         return out
+
+
+def segment_jobs(listing: pa.Table, shard_size: int, shards: list[int]) -> list[pa.Table]:
+    """One single-row table per shard: its index, and its image ids and URIs as two lists."""
+    jobs = []
+    for s in shards:
+        part = listing.slice(s * shard_size, shard_size)
+        jobs.append(pa.table({"shard": pa.array([s], pa.int32()),
+                              "image_id": _one_list(part.column("image_id")),
+                              "uri": _one_list(part.column("uri"))}))
+    return jobs
+
+
+def label_jobs(shards: list[int]) -> list[pa.Table]:
+    """One single-row table per shard to label."""
+    return [pa.table({"shard": pa.array([s], pa.int32())}) for s in shards]
 
 
 def _one_list(values: pa.ChunkedArray) -> pa.ListArray:

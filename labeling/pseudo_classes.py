@@ -82,21 +82,6 @@ def kmeans_subset(num_images: int, max_images: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(num_images, max_images, replace=False)).astype(np.int64)
 
 
-def subset_rows(row_image: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """Indices (R,) int64 of the rows whose image index (``row_image`` (S,)) is in ``images``.
-
-    ``images`` is sorted (as ``kmeans_subset`` returns it); rows keep their order.
-    """
-    images = np.asarray(images)
-    row_image = np.asarray(row_image)
-    if len(images) == 0:
-        return np.zeros(0, np.int64)
-    if (np.diff(images) <= 0).any():
-        raise ValueError("subset_rows: images must be sorted and unique")
-    pos = np.minimum(np.searchsorted(images, row_image), len(images) - 1)
-    return np.flatnonzero(images[pos] == row_image).astype(np.int64)
-
-
 def assign_nearest(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid (squared L2) for each row of ``features`` (N, D) -> (N,)."""
     f = features.float()

@@ -13,7 +13,6 @@ from labeling.pseudo_classes import (
     pool_segment_features,
     pseudo_label_map,
     segment_coverage,
-    subset_rows,
 )
 
 
@@ -131,12 +130,3 @@ def test_kmeans_subset_is_a_seeded_sorted_choice_without_replacement():
 def test_kmeans_subset_rejects_bad_sizes():
     with pytest.raises(ValueError, match="max_images >= 1"):
         kmeans_subset(10, 0, seed=0)
-
-
-def test_subset_rows_keeps_the_rows_of_the_chosen_images_in_order():
-    row_image = np.array([4, 0, 2, 2, 9, 4, 7])
-    assert subset_rows(row_image, np.array([2, 4])).tolist() == [0, 2, 3, 5]
-    assert subset_rows(row_image, np.array([10])).tolist() == []
-    assert subset_rows(row_image, np.zeros(0, int)).tolist() == []
-    with pytest.raises(ValueError, match="sorted"):
-        subset_rows(row_image, np.array([4, 2]))
