@@ -38,8 +38,12 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
-from labeling import ncut
-from labeling.ncut import NCutWorkspace, batched_recursive_ncut, reference_recursive_ncut
+from labeling.ncut import (
+    NCutOptions,
+    NCutWorkspace,
+    batched_recursive_ncut,
+    reference_recursive_ncut,
+)
 
 
 def synthetic_diffcut_features(
@@ -119,7 +123,7 @@ def main() -> None:
         help="batched solver with torch.linalg on the CPU too (as on other devices), not SciPy's LAPACK",
     )
     args = parser.parse_args()
-    ncut.CPU_SCIPY_LAPACK = not args.torch_linalg
+    options = NCutOptions(cpu_linalg="torch" if args.torch_linalg else "scipy")
     if args.threads:  # torch's BLAS and SciPy's LAPACK (used by the batched solver on the CPU)
         torch.set_num_threads(args.threads)
         threadpool_limits(args.threads)
@@ -129,17 +133,19 @@ def main() -> None:
 
     def batched() -> torch.Tensor:
         kept = NCutWorkspace() if args.fresh_workspace else workspace
-        return batched_recursive_ncut(feats, args.tau, args.alpha, workspace=kept)
+        return batched_recursive_ncut(feats, args.tau, args.alpha, workspace=kept, options=options)
 
     batched()  # warm-up: library initialisation, and the workspace of a batch stream
-    reference_recursive_ncut(feats[0], args.tau, args.alpha)
+    reference_recursive_ncut(feats[0], args.tau, args.alpha, options=options)
 
     best = {"reference": (math.inf, math.inf), "batched": (math.inf, math.inf)}
     for _ in range(args.repeats):
         ours, wall, cpu = timed(batched, device)
         best["batched"] = (min(best["batched"][0], wall), min(best["batched"][1], cpu))
         ref, wall, cpu = timed(
-            lambda: torch.stack([reference_recursive_ncut(f, args.tau, args.alpha) for f in feats]),
+            lambda: torch.stack(
+                [reference_recursive_ncut(f, args.tau, args.alpha, options=options) for f in feats]
+            ),
             device,
         )
         best["reference"] = (min(best["reference"][0], wall), min(best["reference"][1], cpu))

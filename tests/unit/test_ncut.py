@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import labeling.ncut as ncut_module
+import labeling.ncut_lapack as ncut_lapack
+import labeling.ncut_solver as ncut_solver
 from labeling.ncut import (
+    NCutOptions,
     NCutWorkspace,
-    _apply_deflated,
-    _chol_solve,
-    _deflated,
-    _factor,
+    ScipyLinalg,
+    TorchLinalg,
     affinity_matrix,
     batched_recursive_ncut,
     best_split,
@@ -26,6 +27,9 @@ from labeling.ncut import (
     reference_recursive_ncut,
     thresholds,
 )
+from labeling.ncut_solver import apply_deflated, deflated, factor
+
+LINALGS = {"scipy-lapack": ScipyLinalg(), "torch-linalg": TorchLinalg()}
 
 
 def clustered(
@@ -146,19 +150,18 @@ def test_affinity_is_minmax_power():
     assert torch.allclose(affinity_matrix(f, 10.0), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("scipy_blas", [True, False], ids=["scipy-syrk", "torch-blocks"])
+@pytest.mark.parametrize("linalg", LINALGS.values(), ids=["scipy-syrk", "torch-blocks"])
 @pytest.mark.parametrize("alpha", [1.0, 2.0, 7.0, 10.0, 2.5])
-def test_affinity_matches_the_formula_and_fills_a_given_buffer(monkeypatch, scipy_blas, alpha):
-    monkeypatch.setattr(ncut_module, "CPU_SCIPY_LAPACK", scipy_blas)
+def test_affinity_matches_the_formula_and_fills_a_given_buffer(linalg, alpha):
     f = torch.randn(300, 40, generator=torch.Generator().manual_seed(3))  # > 2 row blocks
     unit = F.normalize(f.double(), dim=-1)
     sim = unit @ unit.T
     expected = ((sim - sim.min()) / (sim.max() - sim.min())) ** alpha
-    w = affinity_matrix(f, alpha)
+    w = affinity_matrix(f, alpha, linalg=linalg)
     assert torch.equal(w, w.T)  # exactly symmetric
     assert torch.allclose(w, expected, atol=2e-5)
     out = torch.full((300, 300), float("nan"), dtype=torch.float64)
-    assert affinity_matrix(f, alpha, out=out) is out
+    assert affinity_matrix(f, alpha, out=out, linalg=linalg) is out
     assert torch.equal(out, w)
     assert torch.equal(affinity_matrix(torch.ones(4, 3)), torch.ones(4, 4, dtype=torch.float64))
 
@@ -168,25 +171,25 @@ def test_scipy_blas_runs_one_thread_inside_the_solver(monkeypatch):
     # libraries it calls (SciPy's and NumPy's, loaded with it) to one thread, then restores them
     from threadpoolctl import threadpool_limits
 
-    controlled = ncut_module._blas_controller().select(user_api="blas")
+    controlled = ncut_lapack.blas_controller().select(user_api="blas")
     assert controlled.lib_controllers  # SciPy's BLAS at least
 
     def blas_threads() -> set[int]:
         return {lib["num_threads"] for lib in controlled.info()}
 
     seen, in_grams = [], []
-    original_solve, original_gram = ncut_module._cpu_chol_solve, ncut_module._lower_gram
+    original_solve, original_gram = ScipyLinalg.chol_solve, ScipyLinalg.lower_gram
 
-    def spy(chol, v):
+    def spy(self, chol, v):
         seen.append(blas_threads())
-        return original_solve(chol, v)
+        return original_solve(self, chol, v)
 
-    def gram_spy(feats, out=None):  # the Gram products come first, on BLAS's own threads
+    def gram_spy(self, feats, out=None):  # the Gram products come first, on BLAS's own threads
         in_grams.append(blas_threads())
-        return original_gram(feats, out)
+        return original_gram(self, feats, out)
 
-    monkeypatch.setattr(ncut_module, "_cpu_chol_solve", spy)
-    monkeypatch.setattr(ncut_module, "_lower_gram", gram_spy)
+    monkeypatch.setattr(ScipyLinalg, "chol_solve", spy)
+    monkeypatch.setattr(ScipyLinalg, "lower_gram", gram_spy)
     with threadpool_limits(2, user_api="blas"):  # OpenBLAS caps this at the cores it has
         before = blas_threads()
         labels = batched_recursive_ncut(structured(2, grid=24))
@@ -243,17 +246,56 @@ def test_batched_equals_per_image_and_reference():
         assert torch.equal(torch.unique(batched[i]), torch.arange(int(batched[i].max()) + 1))
 
 
-@pytest.mark.parametrize("scipy_lapack", [True, False], ids=["scipy-lapack", "torch-linalg"])
-def test_large_regions_equal_reference_with_either_linear_algebra(monkeypatch, scipy_lapack):
+@pytest.mark.parametrize("cpu_linalg", ["scipy", "torch"], ids=["scipy-lapack", "torch-linalg"])
+def test_large_regions_equal_reference_with_either_linear_algebra(cpu_linalg):
     # 576 tokens: the top levels run the float32-factor iteration, the small regions the direct
     # solver; torch.linalg is what other devices use
-    monkeypatch.setattr(ncut_module, "CPU_SCIPY_LAPACK", scipy_lapack)
+    options = NCutOptions(cpu_linalg=cpu_linalg)
     feats = structured(2, grid=24, seed=0)
     assert feats.shape[1] > ncut_module.DIRECT_MAX_SIZE
-    batched = batched_recursive_ncut(feats, tau=0.7)
+    batched = batched_recursive_ncut(feats, tau=0.7, options=options)
     for i, f in enumerate(feats):
-        assert torch.equal(batched[i], reference_recursive_ncut(f, tau=0.7))
+        assert torch.equal(batched[i], reference_recursive_ncut(f, tau=0.7, options=options))
         assert int(batched[i].max()) >= 7  # a real tree, not one cut
+
+
+KERNELS = ("lower_gram", "symmetric_product", "cholesky_", "chol_solve", "eigenvector")
+
+
+@pytest.mark.parametrize("cpu_linalg", ["scipy", "torch"])
+def test_options_choose_the_kernels_of_every_step(monkeypatch, cpu_linalg):
+    calls: dict[str, set[str]] = {"scipy": set(), "torch": set()}
+    for kind, cls in (("scipy", ScipyLinalg), ("torch", TorchLinalg)):
+        for name in KERNELS:
+
+            def counted(self, *args, _kind=kind, _name=name, _original=getattr(cls, name), **kw):
+                calls[_kind].add(_name)
+                return _original(self, *args, **kw)
+
+            monkeypatch.setattr(cls, name, counted)
+    options = NCutOptions(cpu_linalg=cpu_linalg)
+    feats = structured(1, grid=24, seed=0)  # 576 tokens: the iterative and the direct solver
+    labels = batched_recursive_ncut(feats, tau=0.7, options=options)
+    assert torch.equal(labels[0], reference_recursive_ncut(feats[0], tau=0.7, options=options))
+    other = "torch" if cpu_linalg == "scipy" else "scipy"
+    assert calls[cpu_linalg] == set(KERNELS) and not calls[other]
+
+
+def test_options_resolve_per_device_and_refuse_unknown_values():
+    assert NCutOptions().linalg_for("cpu") == ScipyLinalg(ncut_module.DIRECT_MAX_SIZE)
+    assert NCutOptions(cpu_linalg="torch").linalg_for("cpu") == TorchLinalg(
+        ncut_module.EIGH_MAX_SIZE
+    )
+    # other devices always take torch's kernels; a cut-off given applies to either
+    assert NCutOptions().linalg_for(torch.device("cuda", 0)) == TorchLinalg(
+        ncut_module.EIGH_MAX_SIZE
+    )
+    assert NCutOptions(direct_max_size=5).linalg_for("cpu") == ScipyLinalg(5)
+    assert NCutOptions(direct_max_size=5).linalg_for("cuda") == TorchLinalg(5)
+    with pytest.raises(ValueError, match="cpu_linalg.*'mkl'"):
+        NCutOptions(cpu_linalg="mkl")
+    with pytest.raises(ValueError, match="direct_max_size.*0"):
+        NCutOptions(direct_max_size=0)
 
 
 def test_iterative_fiedler_vector_matches_full_eigh():
@@ -271,33 +313,35 @@ def test_iterative_fiedler_vector_matches_full_eigh():
     assert torch.allclose(fast, exact, atol=1e-8) and (fast[2, 120:] == 0).all()
 
 
-def test_deflated_product_without_the_matrix_equals_explicit_product():
+@pytest.mark.parametrize("linalg", LINALGS.values(), ids=LINALGS.keys())
+def test_deflated_product_without_the_matrix_equals_explicit_product(linalg):
     feats = structured(2, seed=2)
     a = torch.stack([affinity_matrix(f) for f in feats])[:, :90, :90]
     valid = torch.ones(2, 90, dtype=torch.bool)
     valid[1, 70:] = False  # a zero-padded region: M there is 3 I
     a = a * (valid[:, :, None] & valid[:, None, :])
-    m, d, s, q = _deflated(a, valid)
+    m, d, s, q = deflated(a, valid)
     v = torch.randn(2, 90, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(_apply_deflated(a, s, q, v), m @ v, rtol=0, atol=1e-12)
+    assert torch.allclose(apply_deflated(a, s, q, v, linalg), m @ v, rtol=0, atol=1e-12)
     assert torch.equal(m[1, 70:, 70:], 3 * torch.eye(20, dtype=torch.float64))
     assert torch.allclose(m[0] @ q[0], 4 * q[0], atol=1e-12)  # the null vector moved to 4
 
 
-def test_in_place_factor_is_cholesky_of_shifted_matrix():
+@pytest.mark.parametrize("linalg", LINALGS.values(), ids=LINALGS.keys())
+def test_in_place_factor_is_cholesky_of_shifted_matrix(linalg):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 40, 40, dtype=torch.float64, generator=g)
     m = x @ x.mT / 40 + 0.5 * torch.eye(40, dtype=torch.float64)
     lowest = torch.linalg.eigvalsh(m)[:, 0]
     sigma = torch.stack([lowest[0] - 0.1, lowest[1] + 0.1, torch.zeros((), dtype=torch.float64)])
-    chol, ok = _factor(m.clone(), sigma)
+    chol, ok = factor(m.clone(), sigma, linalg)
     assert ok.tolist() == [True, False, True]
     shifted = m - sigma[:, None, None] * torch.eye(40, dtype=torch.float64)
     for i in (0, 2):  # the factor is the lower triangle; solves never read the rest
         lower = chol[i].tril()
         assert torch.allclose(lower @ lower.mT, shifted[i], atol=1e-12)
         assert torch.allclose(
-            _chol_solve(chol[i : i + 1], shifted[i : i + 1]),
+            linalg.chol_solve(chol[i : i + 1], shifted[i : i + 1]),
             torch.eye(40, dtype=torch.float64),
             atol=1e-9,
         )
@@ -345,11 +389,11 @@ def test_corrections_inside_the_ritz_span_still_give_the_reference(monkeypatch):
     # zero corrections: their QR is not orthogonal to the Ritz vectors, so the basis is rebuilt
     # (Rayleigh-Ritz always gets orthonormal columns); the iteration then stalls and the full
     # eigh takes over, with the reference's partitions
-    original_solve, original_ritz = ncut_module._chol_solve, ncut_module._rayleigh_ritz
+    original_solve, original_ritz = ScipyLinalg.chol_solve, ncut_solver._rayleigh_ritz
     gram_errors = []
 
-    def solve(chol, v):
-        out = original_solve(chol, v)
+    def solve(self, chol, v):
+        out = original_solve(self, chol, v)
         return torch.zeros_like(out) if v.shape[-1] == ncut_module.CORRECTED else out
 
     def ritz(mv, v, k):
@@ -357,12 +401,13 @@ def test_corrections_inside_the_ritz_span_still_give_the_reference(monkeypatch):
         gram_errors.append(float((v.transpose(-1, -2) @ v - eye).abs().max()))
         return original_ritz(mv, v, k)
 
-    monkeypatch.setattr(ncut_module, "_chol_solve", solve)
-    monkeypatch.setattr(ncut_module, "_rayleigh_ritz", ritz)
-    monkeypatch.setattr(ncut_module, "DIRECT_MAX_SIZE", 64)
-    feats = structured(2, grid=16, seed=3)
+    monkeypatch.setattr(ScipyLinalg, "chol_solve", solve)
+    monkeypatch.setattr(ncut_solver, "_rayleigh_ritz", ritz)
+    feats = structured(2, grid=16, seed=3)  # 256 tokens: iterative only below the default cut-off
     expected = torch.stack([reference_recursive_ncut(f) for f in feats])
-    assert torch.equal(batched_recursive_ncut(feats), expected)
+    assert torch.equal(
+        batched_recursive_ncut(feats, options=NCutOptions(direct_max_size=64)), expected
+    )
     assert len(gram_errors) > 4 and max(gram_errors) < 1e-10
 
 
@@ -396,13 +441,14 @@ class HostWaits(TorchDispatchMode):
 def test_host_waits_do_not_grow_with_the_images_or_regions(monkeypatch):
     # copies of one image split alike, round by round, in the same batches of regions: only
     # waits per region or per image would make four copies wait more often than one
-    monkeypatch.setattr(ncut_module, "CPU_SCIPY_LAPACK", False)  # the path a GPU takes
+    options = NCutOptions(cpu_linalg="torch")  # the path a GPU takes
     feats = structured(1, grid=16, seed=0)
     counter, waits, labels = HostWaits(monkeypatch), [], []
     for copies in (1, 4):
         counter.count = 0
         with counter:
-            labels.append(batched_recursive_ncut(feats.expand(copies, -1, -1).contiguous()))
+            tokens = feats.expand(copies, -1, -1).contiguous()
+            labels.append(batched_recursive_ncut(tokens, options=options))
         waits.append(counter.count)
     assert int(labels[0].max()) >= 4  # several rounds of splits
     assert (labels[1] == labels[0]).all()
