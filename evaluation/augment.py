@@ -11,6 +11,16 @@ and the effective scale range is about (0.5, 1]. The intent of a range up to 2.0
 contains the image along that side, and the part outside the image is filled (image: the
 ImageNet mean colour; labels: the ignore index) and marked invalid in a mask, so no patch that
 lies mostly outside the image enters the bank.
+
+Two augmentations, selected by name (``MemoryConfig.augmentation``):
+- ``dip`` (ours): one p=0.5 coin for the whole ColorJitter, its four components in random order
+  (torchvision's ColorJitter), then the zoom-in/zoom-out crop above.
+- ``hummingbird`` (open-hummingbird-eval): four independent p=0.5 jitters, one component each,
+  always in the order brightness, contrast, saturation, hue (torchvision's
+  ``RandomApply([ColorJitter(brightness=s)], p)`` and so on), then torchvision's
+  ``RandomResizedCrop`` box, which rejects draws that do not fit: the scale is effectively <= 1.
+  The random draws are those torchvision makes, in the same order, so a generator seeded like
+  torch's global one gives torchvision's parameters.
 """
 
 from __future__ import annotations
@@ -22,6 +32,9 @@ import torch
 import torchvision.transforms.functional as TF
 
 from shared.images import IMAGENET_MEAN, resize_image, resize_labels
+
+AUGMENTATIONS = ("dip", "hummingbird")
+JITTER_ORDER = ("brightness", "contrast", "saturation", "hue")  # hummingbird: always this order
 
 
 def _uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
@@ -81,6 +94,74 @@ def sample_crop_box(
     return CropBox(top, left, box_h, box_w)
 
 
+def hummingbird_jitter_plan(
+    generator: torch.Generator, strength: float = 0.1, p: float = 0.5
+) -> list[tuple[str, float]]:
+    """The jitters one view gets, in application order: (component, factor) for each of
+    brightness, contrast, saturation, hue whose own coin came up (probability p each).
+
+    Factors: U(1-s, 1+s), hue shift U(-s, s). The draws follow torchvision's
+    RandomApply([ColorJitter(<one component>=s)], p): coin, then (if applied) ColorJitter's
+    unused order permutation and the factor.
+    """
+    plan = []
+    for name in JITTER_ORDER:
+        if p < float(torch.rand(1, generator=generator)):  # RandomApply skips when p < u
+            continue
+        torch.randperm(4, generator=generator)  # ColorJitter's order draw (one component: moot)
+        low, high = (-strength, strength) if name == "hue" else (1 - strength, 1 + strength)
+        plan.append((name, float(torch.empty(1).uniform_(low, high, generator=generator))))
+    return plan
+
+
+_ADJUST = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
+           "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+
+
+def apply_jitter_plan(image: torch.Tensor, plan: list[tuple[str, float]]) -> torch.Tensor:
+    """Apply (component, factor) jitters in the plan's order to a (3, H, W) image in [0, 1]."""
+    for name, factor in plan:
+        image = _ADJUST[name](image, factor)
+    return image
+
+
+def hummingbird_color_jitter(
+    image: torch.Tensor, generator: torch.Generator, strength: float = 0.1, p: float = 0.5
+) -> torch.Tensor:
+    """Four independent jitters (own coin each, fixed order) on a (3, H, W) image in [0, 1]."""
+    return apply_jitter_plan(image, hummingbird_jitter_plan(generator, strength, p))
+
+
+def hummingbird_crop_box(
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.5, 2.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> CropBox:
+    """torchvision's RandomResizedCrop box: up to 10 draws of area U(scale) * H * W and
+    log-uniform aspect ratio; the first that fits inside the image wins, else a centre crop
+    (the whole image when its aspect ratio lies in ``ratio``). Never larger than the image."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1],
+                                                   generator=generator)).item()
+        box_w = int(round(math.sqrt(target * aspect)))
+        box_h = int(round(math.sqrt(target / aspect)))
+        if 0 < box_w <= width and 0 < box_h <= height:  # a draw above scale 1 never fits
+            top = int(torch.randint(0, height - box_h + 1, size=(1,), generator=generator))
+            left = int(torch.randint(0, width - box_w + 1, size=(1,), generator=generator))
+            return CropBox(top, left, box_h, box_w)
+    box_h, box_w = height, width
+    if width / height < min(ratio):
+        box_h = int(round(width / min(ratio)))
+    elif width / height > max(ratio):
+        box_w = int(round(height * max(ratio)))
+    return CropBox((height - box_h) // 2, (width - box_w) // 2, box_h, box_w)
+
+
 def crop_with_padding(
     image: torch.Tensor, labels: torch.Tensor, box: CropBox, ignore_index: int | float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,11 +192,19 @@ def augment_memory_image(
     jitter_p: float = 0.5,
     scale: tuple[float, float] = (0.5, 2.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    kind: str = "dip",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ColorJitter then joint RandomResizedCrop to (size, size): image bilinear, labels and the
-    inside-the-image mask nearest -> image (3, S, S), labels (S, S), valid (S, S) bool."""
-    image = color_jitter(image, generator, jitter, jitter_p)
-    box = sample_crop_box(image.shape[1], image.shape[2], generator, scale, ratio)
+    """Colour jitter then a joint random resized crop to (size, size), the ``kind`` augmentation
+    ("dip" or "hummingbird"): image bilinear, labels and the inside-the-image mask nearest
+    -> image (3, S, S), labels (S, S), valid (S, S) bool."""
+    if kind == "dip":
+        image = color_jitter(image, generator, jitter, jitter_p)
+        box = sample_crop_box(image.shape[1], image.shape[2], generator, scale, ratio)
+    elif kind == "hummingbird":
+        image = hummingbird_color_jitter(image, generator, jitter, jitter_p)
+        box = hummingbird_crop_box(image.shape[1], image.shape[2], generator, scale, ratio)
+    else:
+        raise ValueError(f"unknown augmentation {kind!r}; expected one of {AUGMENTATIONS}")
     crop_img, crop_lab, valid = crop_with_padding(image, labels, box, ignore_index)
     out_img = resize_image(crop_img, (size, size))
     out_lab = resize_labels(crop_lab, (size, size))

@@ -27,6 +27,7 @@ from .config import EvalConfig
 from .datasets import PAPER_DATASETS, dataset_class, memory_dataset_name, open_dataset
 from .datasets.lowshot import class_presence, lowshot_subsets, parse_fraction
 from .memory import BankSpec, DatasetRef, EncoderRef, build_memory_bank, fingerprint_key
+from .protocols import resolved_settings
 from .report import write_results
 from .retrieval import evaluate_incontext
 
@@ -128,14 +129,17 @@ def open_datasets(cfg: EvalConfig, names: list[str]) -> dict[str, tuple]:
 def run_benchmark(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Run every configured evaluation; writes config.yaml, results.json and results.md.
 
-    Every input is checked (encoder names and weight files, data roots, each dataset's images
-    and targets) before anything is loaded or written.
+    Every record and both result files name the protocol and its resolved settings, and every
+    mIoU names the class matching that produced it. Every input is checked (encoder names and
+    weight files, data roots, each dataset's images and targets) before anything is loaded or
+    written.
     """
     names = list(PAPER_DATASETS) if cfg.datasets == ["all"] else cfg.datasets
     pairs = check_encoders(cfg)
     datasets = open_datasets(cfg, names)
     save_config(cfg, storage.join(cfg.out, "config.yaml"))
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    protocol = resolved_settings(cfg)
     records: list[dict] = []
     for backbone_name, weights in pairs:
         ref, backbone = prepare_encoder(backbone_name, weights, cfg, device)
@@ -145,8 +149,8 @@ def run_benchmark(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[d
         for name in names:
             records += _evaluate_dataset(cfg, name, datasets[name], ref, backbone, identity,
                                          label, size, device, log)
-            write_results(cfg.out, records)
-    return write_results(cfg.out, records)
+            write_results(cfg.out, records, protocol)
+    return write_results(cfg.out, records, protocol)
 
 
 def _evaluate_dataset(cfg, name, readers, ref, backbone, identity, label, size, device,
@@ -182,8 +186,9 @@ def _evaluate_dataset(cfg, name, readers, ref, backbone, identity, label, size, 
                 "encoder": label, "backbone": identity["backbone"], "weights": ref.weights,
                 "weights_sha256": identity["weights_sha256"], "dataset": name,
                 "memory_dataset": mem_name, "fraction": fraction, "seed": seed,
-                "memory_images": len(subset), "metric": metric,
-                "value": _finite(result[metric]), "bank": bank_uri,
-                "details": {k: v for k, v in result.items() if k != metric},
+                "memory_images": len(subset), "protocol": cfg.protocol, "metric": metric,
+                "matching": result.get("matching"), "value": _finite(result[metric]),
+                "input_size": size, "bank": bank_uri,
+                "details": {k: v for k, v in result.items() if k not in (metric, "matching")},
             })
     return records

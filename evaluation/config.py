@@ -1,21 +1,31 @@
-"""Configuration of the in-context benchmark; defaults are the paper's settings."""
+"""Configuration of the in-context benchmark; defaults are the paper's settings.
+
+``EvalConfig.protocol`` names a preset (evaluation/protocols.py) that fills the input size,
+temperature, class matching, memory size, augmentation epochs and augmentation wherever the
+config does not set them itself. The field defaults below are the ``dip`` preset's values.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from shared.config import Config
 
 from .datasets.lowshot import FRACTIONS, SEEDS, parse_fraction
+from .protocols import apply_protocol
 
 
 class MemoryConfig(Config):
     """The memory bank: its size, augmentation, sampling, and how the build job is spread out."""
 
-    size: int = Field(10_240_000, gt=0, description="total patches in the bank")
+    size: int | None = Field(10_240_000, gt=0, description="total patches in the bank; None: "
+                                                         "every patch of every augmented view")
     epochs: int = Field(2, gt=0, description="augmentation passes over the memory images")
+    augmentation: Literal["dip", "hummingbird"] = Field(
+        "dip", description="dip: one jitter coin, random order, zoom out to 2x with padding; "
+                           "hummingbird: four independent jitters in fixed order, torchvision crop")
     jitter: float = Field(0.1, ge=0, description="ColorJitter strength of each component")
     jitter_p: float = Field(0.5, ge=0, le=1)
     crop_scale: tuple[float, float] = (0.5, 2.0)
@@ -38,6 +48,8 @@ class SearchConfig(Config):
         "auto", description="auto: torch on a GPU, faiss (flat) on CPUs; both exact")
     k: int = Field(30, gt=0)
     temperature: float = Field(0.07, gt=0)
+    matching: Literal["identity", "hungarian"] = Field(
+        "identity", description="predicted-to-true class matching before the IoU")
     query_chunk: int = Field(8192, gt=0, description="torch backend: queries per matmul")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="torch backend matmul: auto = float16 + float32 re-scoring on a GPU, "
@@ -69,6 +81,9 @@ class LowShotConfig(Config):
 class EvalConfig(Config):
     """One benchmark run: encoders x datasets x low-shot fractions x seeds."""
 
+    protocol: Literal["dip", "hummingbird"] = Field(
+        "dip", frozen=True, description="preset of input size, temperature, matching, memory "
+                                        "size and augmentation; explicit settings win")
     backbones: list[str] = ["vits14"]
     weights: list[str] = ["hub"]  # "hub", "random", or a weight file per backbone
     tiny: bool = False
@@ -85,3 +100,9 @@ class EvalConfig(Config):
     memory: MemoryConfig = MemoryConfig()
     search: SearchConfig = SearchConfig()
     lowshot: LowShotConfig = LowShotConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_presets(cls, data: Any) -> Any:
+        """Fill the protocol's preset values the input does not set (explicit values win)."""
+        return apply_protocol(data) if isinstance(data, dict) else data

@@ -79,13 +79,17 @@ class BankSpec:
     num_values: int = 1  # classes (histogram length), or 1 for depth
 
     @property
-    def patches_per_image(self) -> int:
-        """memory_size // (N images x epochs), at least 1."""
+    def patches_per_image(self) -> int | None:
+        """memory_size // (N images x epochs), at least 1; None for an unbounded memory (every
+        patch of every view)."""
+        if self.options["size"] is None:
+            return None
         return max(1, self.options["size"] // (len(self.indices) * self.options["epochs"]))
 
     def fingerprint(self) -> dict:
         content = {k: self.options[k] for k in ("size", "epochs", "jitter", "jitter_p",
-                                                "crop_scale", "crop_ratio", "min_valid")}
+                                                "crop_scale", "crop_ratio", "min_valid",
+                                                "augmentation")}
         ids = hashlib.sha256(np.asarray(self.indices, dtype=np.int64).tobytes()).hexdigest()
         return json.loads(json.dumps({
             "encoder": self.identity, "dataset": asdict(self.dataset), "indices_sha256": ids,
@@ -114,7 +118,7 @@ def _view(spec: BankSpec, epoch: int, index: int, sample, ignore):
     img, tgt, valid = augment_memory_image(
         to_tensor(image), torch.from_numpy(np.ascontiguousarray(target)), spec.input_size, gen,
         ignore, opts["jitter"], opts["jitter_p"], tuple(opts["crop_scale"]),
-        tuple(opts["crop_ratio"]))
+        tuple(opts["crop_ratio"]), opts["augmentation"])
     return img, tgt, valid, gen
 
 
@@ -140,8 +144,9 @@ def build_shard(spec: BankSpec, positions: Sequence[int], backbone, dataset,
                 batch = torch.stack([v[0] for v in chunk]).to(device)  # (B, 3, S, S)
                 with torch.inference_mode():
                     dense = backbone.dense_features(batch).float().cpu()  # (B, h, w, D)
+                per_image = spec.patches_per_image or dense.shape[1] * dense.shape[2]
                 for b, (_, tgt, valid, gen) in enumerate(chunk):
-                    f, v = memory_patches(dense[b], tgt, valid, spec.patches_per_image, gen,
+                    f, v = memory_patches(dense[b], tgt, valid, per_image, gen,
                                           dataset.task, dataset.num_classes,
                                           dataset.ignore_index, opts["min_valid"])
                     feats.append(f.half().numpy())

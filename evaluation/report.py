@@ -1,4 +1,8 @@
-"""Result tables: per-run records -> mean and std over seeds, as JSON and Markdown."""
+"""Result tables: per-run records -> mean and std over seeds, as JSON and Markdown.
+
+Every row names its protocol and, for mIoU, the class matching that produced the number
+(``identity`` or ``hungarian``); rows of different protocols or matchings are never pooled.
+"""
 
 from __future__ import annotations
 
@@ -8,42 +12,53 @@ import numpy as np
 
 from shared import storage
 
+from .protocols import describe
+
 METRICS = {"miou": ("mIoU (%)", 100.0, 2), "rmse": ("RMSE (m)", 1.0, 3)}
+GROUP = ("encoder", "dataset", "fraction", "protocol", "metric", "matching")
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Group records by (encoder, dataset, fraction): mean and std (ddof 0) of the metric."""
+    """Group records by (encoder, dataset, fraction, protocol, metric, matching): mean and std
+    (ddof 0) of the metric over seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        groups[(r["encoder"], r["dataset"], r["fraction"], r["metric"])].append(r)
+        groups[tuple(r.get(k) for k in GROUP)].append(r)
     rows = []
-    for (encoder, dataset, fraction, metric), rs in groups.items():
+    for key, rs in groups.items():
         values = np.array([np.nan if r["value"] is None else r["value"] for r in rs],
                           dtype=np.float64)
         ok = values[~np.isnan(values)]
-        rows.append({"encoder": encoder, "dataset": dataset, "fraction": fraction,
-                     "metric": metric, "mean": float(ok.mean()) if ok.size else None,
+        rows.append({**dict(zip(GROUP, key, strict=True)),
+                     "mean": float(ok.mean()) if ok.size else None,
                      "std": float(ok.std()) if ok.size else None,
                      "seeds": [r["seed"] for r in rs]})
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One line per (encoder, dataset, fraction): mean +- std over seeds."""
-    lines = ["| encoder | dataset | fraction | metric | mean | std | seeds |",
-             "|---|---|---|---|---:|---:|---:|"]
+    """One line per (encoder, dataset, fraction, protocol, matching): mean +- std over seeds."""
+    lines = ["| encoder | dataset | fraction | protocol | metric | matching | mean | std | seeds |",
+             "|---|---|---|---|---|---|---:|---:|---:|"]
     for r in rows:
         name, scale, digits = METRICS[r["metric"]]
         mean = "n/a" if r["mean"] is None else f"{r['mean'] * scale:.{digits}f}"
         std = "n/a" if r["std"] is None else f"{r['std'] * scale:.{digits}f}"
-        lines.append(f"| {r['encoder']} | {r['dataset']} | {r['fraction']} | {name} | "
+        lines.append(f"| {r['encoder']} | {r['dataset']} | {r['fraction']} | "
+                     f"{r.get('protocol') or 'n/a'} | {name} | {r.get('matching') or '-'} | "
                      f"{mean} | {std} | {len(r['seeds'])} |")
     return "\n".join(lines) + "\n"
 
 
-def write_results(out_uri: str, records: list[dict]) -> list[dict]:
-    """results.json (records + summary) and results.md under ``out_uri``; returns the summary."""
+def write_results(out_uri: str, records: list[dict], protocol: dict | None = None) -> list[dict]:
+    """results.json (protocol settings + records + summary) and results.md under ``out_uri``;
+    returns the summary. ``protocol``: evaluation.protocols.resolved_settings of the run."""
     rows = summarize(records)
-    storage.write_json(storage.join(out_uri, "results.json"), {"summary": rows, "runs": records})
-    storage.write_text(storage.join(out_uri, "results.md"), markdown_table(rows))
+    doc = {"summary": rows, "runs": records}
+    text = markdown_table(rows)
+    if protocol is not None:
+        doc = {"protocol": protocol, **doc}
+        text = describe(protocol) + "\n\n" + text
+    storage.write_json(storage.join(out_uri, "results.json"), doc)
+    storage.write_text(storage.join(out_uri, "results.md"), text)
     return rows

@@ -20,7 +20,13 @@ from shared.images import eval_geometry, to_tensor
 from .bank import MemoryBank
 from .config import SearchConfig
 from .search import make_searcher, transfer_from_shards
-from .transfer import ConfusionAccumulator, DepthAccumulator, iou_per_class, upsample_scores
+from .transfer import (
+    MATCHINGS,
+    ConfusionAccumulator,
+    DepthAccumulator,
+    iou_per_class,
+    upsample_scores,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -80,7 +86,11 @@ def evaluate_incontext(
     device: str | torch.device | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """mIoU (segmentation) or RMSE (depth) of retrieval-based prediction on ``dataset``."""
+    """mIoU (segmentation) or RMSE (depth) of retrieval-based prediction on ``dataset``.
+
+    The mIoU and per-class IoU use ``cfg.matching``; ``miou_by_matching`` holds both matchings'
+    values of the same predictions, so either published convention can be read off one run.
+    """
     bank.check_encoder(identity, input_size)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     searcher = make_search_backend(cfg, device)
@@ -119,14 +129,18 @@ def evaluate_incontext(
     out = {"num_images": n, "bank_patches": bank.size, "seconds": round(seconds, 3),
            "timing": {k: round(v, 3) for k, v in timing.items()}}
     if segmentation:
-        out["miou"] = acc.miou()
-        out["iou_per_class"] = [None if v != v else v for v in iou_per_class(acc.matrix).tolist()]
+        out["matching"] = cfg.matching
+        out["miou"] = acc.miou(cfg.matching)
+        out["miou_by_matching"] = {m: acc.miou(m) for m in MATCHINGS}
+        out["iou_per_class"] = [None if v != v else v
+                                for v in iou_per_class(acc.matrix, cfg.matching).tolist()]
     else:
         out["rmse"] = acc.rmse()
         pixels = acc.rmse_pixels()
         out["rmse_pixels"] = None if pixels != pixels else pixels
     log(f"{dataset.name}: {n} query images in {seconds:.1f}s "
-        + (f"mIoU {out['miou']:.4f}" if segmentation else f"RMSE {out['rmse']:.4f}"))
+        + (f"mIoU {out['miou']:.4f} ({cfg.matching} matching)" if segmentation
+           else f"RMSE {out['rmse']:.4f}"))
     return out
 
 

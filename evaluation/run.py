@@ -4,8 +4,11 @@
     python -m evaluation.run --backbone vits14 --weights hub --weights runs/dip/encoder.safetensors \\
         --dataset all --set data_roots.voc=... --set data_roots.ade20k=... --address auto
     python -m evaluation.run --tiny --dataset synthetic --data-root /tmp/scenes --set memory.size=4096
+    python -m evaluation.run --set protocol=hummingbird --dataset voc --data-root s3://data/VOC2012
 
 Configuration: defaults (the paper's settings) <- --config YAML <- the flags <- --set key=value.
+``protocol`` (dip, the default, or hummingbird) fills the settings of a published evaluation
+that none of these sets explicitly: ``--set protocol=hummingbird``.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def main(
     """Evaluate encoders with the in-context (nearest-neighbour retrieval) benchmark."""
     from evaluation.benchmark import run_benchmark
     from evaluation.config import EvalConfig
+    from evaluation.protocols import describe, resolved_settings
     from evaluation.report import markdown_table
 
     try:
@@ -72,6 +76,7 @@ def main(
     except user_errors() as exc:  # bad input: say what, no traceback
         typer.echo(error_line(PROG, exc), err=True)
         raise typer.Exit(code=2) from None
+    typer.echo(describe(resolved_settings(cfg)) + "\n")
     typer.echo(markdown_table(rows))
 
 

@@ -135,3 +135,84 @@ def test_several_encoders_in_one_call(tmp_path):
                                                    "vits14-tiny:dip-export.safetensors"]
     banks = {r["bank"] for r in doc["runs"]}
     assert len(banks) == 2  # one bank per encoder
+
+
+def test_the_hummingbird_protocol_is_applied_and_recorded(tmp_path):
+    from evaluation.bank import MemoryBank
+
+    data = write_synthetic_dataset(str(tmp_path / "data"), num_train=4, num_val=2, size=(32, 32))
+    out = str(tmp_path / "out")
+    fast = ["--set", "memory.executor=local", "--set", "memory.images_per_shard=4", "--set",
+            "device=cpu", "--set", 'lowshot.fractions=["1"]', "--set", "input_size=28"]
+    result = _invoke(["--tiny", "--set", "protocol=hummingbird", "--dataset", "synthetic",
+                      "--data-root", data, "--out", out, *fast])
+    assert result.exit_code == 0, result.output
+    assert "Protocol `hummingbird`: hungarian matching, input 28 px" in result.output
+    assert "| hummingbird | mIoU (%) | hungarian |" in result.output
+    doc = json.loads(storage.read_text(storage.join(out, "results.json")))
+    assert doc["protocol"]["name"] == "hummingbird" and doc["protocol"]["temperature"] == 0.02
+    assert doc["protocol"]["overridden"] == ["input_size"]
+    run = doc["runs"][0]
+    assert (run["protocol"], run["matching"], run["input_size"]) == ("hummingbird", "hungarian",
+                                                                     28)
+    assert run["value"] == pytest.approx(run["details"]["miou_by_matching"]["hungarian"])
+    assert doc["summary"][0]["matching"] == "hungarian"
+    bank = MemoryBank(run["bank"])
+    # unbounded memory, one epoch: every patch (2 x 2 at 28 px) of every memory image
+    assert bank.size == 4 * 1 * 4 and bank.manifest["patches_per_image"] is None
+    assert bank.manifest["options"]["augmentation"] == "hummingbird"
+    assert "protocol: hummingbird" in storage.read_text(storage.join(out, "config.yaml"))
+
+
+def _memory_is_the_queries_with_classes_renamed(root: str) -> None:
+    """Train split = the val split with every class id c written as c + 1 (mod C)."""
+    from shared.images import decode_png
+    from shared.synthetic import CLASS_NAMES
+
+    write_synthetic_dataset(root, num_train=0, num_val=4, size=(42, 42))
+    for uri in storage.glob(storage.join(root, "images", "val", "*.jpg")):
+        name = uri.rsplit("/", 1)[-1][:-4]
+        storage.write_bytes(storage.join(root, "images", "train", f"{name}.jpg"),
+                            storage.read_bytes(uri))
+        mask = decode_png(storage.read_bytes(storage.join(root, "masks", "val", f"{name}.png")))
+        renamed = np.where(mask == 255, 255, (mask.astype(np.int64) + 1) % len(CLASS_NAMES))
+        storage.write_bytes(storage.join(root, "masks", "train", f"{name}.png"),
+                            encode_png(renamed.astype(np.uint8)))
+
+
+def test_the_configured_matching_scores_the_run(tmp_path):
+    # every query patch retrieves itself (k = 1, no augmentation) with a renamed class: identity
+    # matching scores the renaming as errors, Hungarian matching undoes it
+    data = str(tmp_path / "data")
+    _memory_is_the_queries_with_classes_renamed(data)
+    out = str(tmp_path / "out")
+    plain = ["--set", "memory.jitter_p=0", "--set", "memory.crop_scale=[1, 1]", "--set",
+             "memory.crop_ratio=[1, 1]", "--set", "search.k=1", "--set", "input_size=42"]
+    result = _invoke(["--tiny", "--set", "protocol=hummingbird", "--dataset", "synthetic",
+                      "--data-root", data, "--out", out, "--set", "memory.executor=local",
+                      "--set", "device=cpu", "--set", 'lowshot.fractions=["1"]', *plain])
+    assert result.exit_code == 0, result.output
+    run = json.loads(storage.read_text(storage.join(out, "results.json")))["runs"][0]
+    by_matching = run["details"]["miou_by_matching"]
+    # Hungarian undoes the renaming: the mIoU of predicting each pixel from its own patch
+    assert by_matching["hungarian"] == pytest.approx(_own_patch_miou(data, 42), abs=1e-12)
+    assert by_matching["hungarian"] > 0.3 and by_matching["identity"] < 0.1
+    assert run["matching"] == "hungarian" and run["value"] == by_matching["hungarian"]
+
+
+def _own_patch_miou(root: str, size: int) -> float:
+    """Identity mIoU of the val split when each pixel takes its own patch's class histogram."""
+    import torch
+
+    from evaluation.datasets import open_dataset
+    from evaluation.transfer import ConfusionAccumulator, patch_histograms, upsample_scores
+    from shared.images import eval_geometry, to_tensor
+
+    val = open_dataset("synthetic", root, "val")
+    acc = ConfusionAccumulator(val.num_classes, val.ignore_index)
+    for i in range(len(val)):
+        image, mask = val.load(i)
+        _, labels = eval_geometry(to_tensor(image), torch.from_numpy(mask), size)
+        hist = patch_histograms(labels[None], val.num_classes, 14).half().float()
+        acc.update(upsample_scores(hist, (size, size)).argmax(dim=1), labels[None])
+    return acc.miou("identity")

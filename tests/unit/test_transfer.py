@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -13,8 +14,10 @@ from evaluation.transfer import (
     DepthAccumulator,
     confusion_matrix,
     exact_topk,
+    hungarian_mapping,
     iou_per_class,
     label_transfer,
+    match_classes,
     miou,
     patch_histograms,
     patch_mean_depth,
@@ -130,3 +133,64 @@ def test_depth_rmse_per_image_and_per_pixel():
     # image 1: sqrt((0 + 4) / 2) = sqrt 2 ; image 2: sqrt(9 / 1) = 3
     assert acc.rmse() == pytest.approx((math.sqrt(2) + 3) / 2)
     assert acc.rmse_pixels() == pytest.approx(math.sqrt(13 / 3))
+
+
+def test_hungarian_on_a_permuted_confusion_equals_identity_on_the_original():
+    # diagonally dominant: identity is the best assignment of the unpermuted matrix
+    conf = torch.tensor([[50, 3, 2, 0],
+                         [4, 40, 1, 5],
+                         [0, 6, 30, 2],
+                         [1, 0, 3, 20]])
+    perm = torch.tensor([2, 0, 3, 1])  # predicted class j is printed as class perm[j]
+    permuted = torch.empty_like(conf)
+    permuted[:, perm] = conf
+    assert miou(permuted, "hungarian") == pytest.approx(miou(conf, "identity"))
+    assert miou(conf, "hungarian") == pytest.approx(miou(conf, "identity"))
+    assert miou(permuted, "identity") < 0.2 * miou(conf)
+    assert torch.equal(hungarian_mapping(permuted)[perm], torch.arange(4))  # undoes perm
+    assert torch.equal(match_classes(permuted, "hungarian"), conf)
+    torch.testing.assert_close(iou_per_class(permuted, "hungarian"), iou_per_class(conf))
+
+
+def test_hungarian_miou_on_a_hand_made_3x3():
+    conf = torch.tensor([[1, 8, 1],   # true 0 mostly predicted as 1
+                         [6, 1, 1],   # true 1 mostly predicted as 0
+                         [0, 1, 5]])
+    # matched: predicted 1 -> 0, 0 -> 1, 2 -> 2, i.e. columns (1, 0, 2):
+    # [[8, 1, 1], [1, 6, 1], [1, 0, 5]]; rows 10, 8, 6; columns 10, 7, 7
+    # IoU 8 / (10 + 10 - 8) = 2/3, 6 / (8 + 7 - 6) = 2/3, 5 / (6 + 7 - 5) = 5/8
+    assert hungarian_mapping(conf).tolist() == [1, 0, 2]
+    assert match_classes(conf, "hungarian").tolist() == [[8, 1, 1], [1, 6, 1], [1, 0, 5]]
+    assert miou(conf, "hungarian") == pytest.approx((2 / 3 + 2 / 3 + 5 / 8) / 3)
+    # identity: 1 / (10 + 7 - 1), 1 / (8 + 10 - 1), 5 / 8
+    assert miou(conf, "identity") == pytest.approx((1 / 16 + 1 / 17 + 5 / 8) / 3)
+    assert math.isnan(ConfusionAccumulator(3).miou("hungarian"))  # no pixels: no classes
+
+
+def test_hungarian_maximises_the_summed_iou_not_the_pixel_count():
+    conf = torch.tensor([[0, 2],
+                         [6, 9]])
+    # pixel counts favour identity (0 + 9 > 2 + 6); IoU favours the swap:
+    # identity 0 + 9/17 = 0.53, swapped 2/11 + 6/15 = 0.58
+    assert hungarian_mapping(conf).tolist() == [1, 0]
+    assert miou(conf, "hungarian") == pytest.approx((2 / 11 + 6 / 15) / 2)
+    assert miou(conf, "identity") == pytest.approx((0 + 9 / 17) / 2)
+
+
+def test_hungarian_is_the_best_permutation():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        conf = torch.randint(0, 20, (4, 4), generator=gen)
+        best = 0.0
+        for perm in itertools.permutations(range(4)):
+            permuted = torch.zeros_like(conf)
+            permuted[:, list(perm)] = conf
+            best = max(best, miou(permuted, "identity"))
+        assert miou(conf, "hungarian") == pytest.approx(best)
+
+
+def test_matching_is_checked():
+    with pytest.raises(ValueError, match="unknown matching"):
+        miou(torch.eye(2), "greedy")
+    with pytest.raises(ValueError, match="square"):
+        miou(torch.ones(2, 3), "hungarian")
