@@ -23,6 +23,7 @@ class TrainConfig(Config):
     trainable_blocks: int = Field(3, ge=0, description="last blocks left trainable (with the final norm)")
     head_hidden_mult: int = Field(7, ge=1, description="head hidden width = mult x embed dim")
     head_dim: int = Field(6144, ge=1, description="head output width")
+    head_norm_eps: float = Field(1e-6, gt=0, description="eps of the head's final LayerNorm")
 
     # in-context tasks
     resize: int = Field(256, ge=1, description="shorter side before the centre crop")
@@ -43,7 +44,9 @@ class TrainConfig(Config):
     base_lr: float = Field(1.5e-7, gt=0, description="lr = base_lr x batch_size / 256")
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(0.05, ge=0, description="not applied to biases and 1-D parameters")
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="autocast dtype on GPU (CPU: fp32)")
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="autocast dtype on GPU (CPU: fp32); fp16 adds a dynamic loss scaler"
+    )
     compile_model: bool = Field(False, description="torch.compile the encoder and head")
     seed: int = 0
     deterministic: bool = Field(

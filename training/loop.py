@@ -12,6 +12,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,9 +38,12 @@ from training.episodes import (
 )
 from training.model import (
     DIPModel,
+    autocast,
     batch_to_device,
     build_model,
     fast_matmul,
+    grad_scaler,
+    optimizer_step,
     peak_memory_bytes,
     task_loss,
 )
@@ -51,7 +55,10 @@ log = logging.getLogger(__name__)
 IDENTITY_KEYS = ("backbone", "tiny", "trainable_blocks", "head_hidden_mult", "head_dim", "seed",
                  "batch_size", "epochs", "base_lr", "weight_decay", "resize", "crop",
                  "input", "packed_shard_size", "packed_window",  # these three set the order
-                 "distractors")
+                 "distractors", "head_norm_eps")
+# the value an identity key had in checkpoints written before it was recorded, where that is
+# not today's default (the head's LayerNorm used torch's default eps then)
+LEGACY_IDENTITY = {"head_norm_eps": 1e-5}
 # what a checkpoint holds, and the type of each entry
 CHECKPOINT_ENTRIES = {"step": int, "epoch": int, "model": dict, "optimizer": dict,
                       "scheduler": dict, "rng": torch.Tensor, "identity": dict}
@@ -226,7 +233,8 @@ def check_identity(cfg: TrainConfig, state: dict, uri: str, num_pairs: int) -> N
     """A checkpoint only resumes the run that wrote it: same model, data and schedule."""
     now = {k: getattr(cfg, k) for k in IDENTITY_KEYS} | {"num_pairs": num_pairs}
     # a key newer than the checkpoint had its default when the checkpoint was written
-    saved = {k: TrainConfig.model_fields[k].default for k in IDENTITY_KEYS} | state["identity"]
+    saved = ({k: TrainConfig.model_fields[k].default for k in IDENTITY_KEYS} | LEGACY_IDENTITY
+             | state["identity"])
     diff = [f"{k}: checkpoint {saved.get(k)!r} != now {v!r}" for k, v in now.items() if saved.get(k) != v]
     if diff:
         raise ValueError(
@@ -265,12 +273,6 @@ def _reduce_mean(value: torch.Tensor, rt: Runtime) -> float:
 def _barrier(rt: Runtime) -> None:
     if rt.world_size > 1:
         dist.barrier()
-
-
-def _autocast(cfg: TrainConfig, device: torch.device):
-    if device.type == "cuda" and cfg.precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def prepare(cfg: TrainConfig, rt: Runtime) -> tuple[PairEpisodes, int]:
@@ -329,11 +331,13 @@ def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
 
     torch.manual_seed(derive_seed(cfg.seed, 0))  # same encoder (if random) and head on every rank
     model = build_model(cfg.backbone, cfg.weights, cfg.tiny, cfg.trainable_blocks,
-                        cfg.head_hidden_mult, cfg.head_dim, device=rt.device)
+                        cfg.head_hidden_mult, cfg.head_dim, device=rt.device,
+                        head_norm_eps=cfg.head_norm_eps)
     if cfg.crop % model.patch_size:
         raise ValueError(f"crop {cfg.crop} is not a multiple of the patch size {model.patch_size}")
     data = training_input(cfg, data, rt)
     optimizer, scheduler = make_optimizer(model, cfg, total_steps)
+    scaler = grad_scaler(cfg.precision, rt.device)  # fp16 only
 
     start_step, rows = 0, []
     resume = resume_point(cfg.out)
@@ -347,6 +351,8 @@ def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         start_step = int(state["step"])
         rows = read_metrics(cfg.out, start_step)
     if rt.rank == 0:
@@ -378,20 +384,22 @@ def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
                                 cfg.ignore_index)
         sync = micro == accum - 1
         with (contextlib.nullcontext() if sync or rt.world_size == 1 else net.no_sync()):
-            with _autocast(cfg, rt.device):
+            with autocast(cfg.precision, rt.device):
                 loss = task_loss(
                     net, batch["query"].float() / 255, batch["query_labels"],
                     batch["positive"].float() / 255, batch["positive_labels"],
                     batch["support"], data.num_classes, model.patch_size,
                     cfg.temperature, cfg.loss, cfg.ignore_index, check_labels=False,
                 )
-            (loss / accum).backward()
+            (loss / accum if scaler is None else scaler.scale(loss / accum)).backward()
         running += loss.detach() / accum
         if not sync:
             continue
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
+        scale = optimizer_step(optimizer, scaler)
+        with warnings.catch_warnings():  # an fp16 step the scaler skipped is no misordered call
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            scheduler.step()  # per iteration, a skipped fp16 step included (as released)
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         last_loss = _reduce_mean(running, rt)
@@ -399,12 +407,14 @@ def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
         now = time.perf_counter()
         rows.append({"step": done, "epoch": epoch, "loss": last_loss, "lr": lr,
                      "images_per_s": 2 * cfg.batch_size / max(now - tick, 1e-9),
-                     "peak_memory_mb": peak_memory_bytes(rt.device) / 2**20})
+                     "peak_memory_mb": peak_memory_bytes(rt.device) / 2**20}
+                    | ({} if scaler is None else {"loss_scale": scale}))
         tick = now
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rows[-1]['images_per_s']:.1f}")
         if done % cfg.checkpoint_every == 0 or done % steps == 0 or done == stop_step:
-            _checkpoint(cfg, rt, model, optimizer, scheduler, done, steps, len(data), rows)
+            _checkpoint(cfg, rt, model, optimizer, scheduler, done, steps, len(data), rows,
+                        scaler)
         if on_step is not None:
             on_step(done, model)
     bar.close()
@@ -418,7 +428,8 @@ def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
                        peak_memory_bytes(rt.device))
 
 
-def _checkpoint(cfg, rt, model, optimizer, scheduler, step, epoch_steps, num_pairs, rows):
+def _checkpoint(cfg, rt, model, optimizer, scheduler, step, epoch_steps, num_pairs, rows,
+                scaler=None):
     """Rank 0 writes the checkpoint and the metrics so far; every rank reports and waits.
 
     The data position is the step: the order of epoch e and the support sets are functions of
@@ -434,6 +445,8 @@ def _checkpoint(cfg, rt, model, optimizer, scheduler, step, epoch_steps, num_pai
             "rng": torch.get_rng_state(),
             "identity": {k: getattr(cfg, k) for k in IDENTITY_KEYS} | {"num_pairs": num_pairs},
         }
+        if scaler is not None:  # fp16: the loss scale resumes where it was
+            state["scaler"] = scaler.state_dict()
         save_checkpoint(cfg.out, state, cfg.keep_checkpoints)
         write_metrics(cfg.out, rows, cfg.write_csv)
     _barrier(rt)

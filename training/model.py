@@ -2,7 +2,7 @@
 
 Query and support images pass through the same encoder and head. The head only exists during
 training; the export is the encoder alone. Also the step's plumbing: narrow label maps checked on
-the host and moved without waiting for the device, TF32 on CUDA, peak memory.
+the host and moved without waiting for the device, TF32 on CUDA, mixed precision, peak memory.
 """
 
 from __future__ import annotations
@@ -17,15 +17,21 @@ from torch import nn
 from shared.backbones import Backbone, load_backbone
 from training.incontext import incontext_loss, patchify_labels, soft_nn_predict_indexed
 
+HEAD_NORM_EPS = 1e-6  # the released head's LayerNorm eps (torch's default is 1e-5)
 
-def make_head(embed_dim: int, hidden_mult: int = 7, out_dim: int = 6144) -> nn.Sequential:
-    """Linear(D, 7D) -> GELU -> Linear(7D, 6144) -> LayerNorm(6144), applied per patch."""
+
+def make_head(embed_dim: int, hidden_mult: int = 7, out_dim: int = 6144,
+              norm_eps: float = HEAD_NORM_EPS) -> nn.Sequential:
+    """Linear(D, 7D) -> GELU -> Linear(7D, 6144) -> LayerNorm(6144, eps), applied per patch.
+
+    eps is not a weight: a state dict saved with any eps loads into a head with any other.
+    """
     hidden = hidden_mult * embed_dim
     return nn.Sequential(
         nn.Linear(embed_dim, hidden),
         nn.GELU(),
         nn.Linear(hidden, out_dim),
-        nn.LayerNorm(out_dim),
+        nn.LayerNorm(out_dim, eps=norm_eps),
     )
 
 
@@ -55,11 +61,12 @@ class DIPModel(nn.Module):
         trainable_blocks: int = 3,
         head_hidden_mult: int = 7,
         head_dim: int = 6144,
+        head_norm_eps: float = HEAD_NORM_EPS,
     ):
         super().__init__()
         self.encoder = encoder
         self.trainable_names = freeze_encoder(encoder, trainable_blocks)
-        self.head = make_head(encoder.embed_dim, head_hidden_mult, head_dim)
+        self.head = make_head(encoder.embed_dim, head_hidden_mult, head_dim, head_norm_eps)
         self.patch_size = encoder.patch_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -121,10 +128,11 @@ def build_model(
     head_hidden_mult: int = 7,
     head_dim: int = 6144,
     device: torch.device | str | None = None,
+    head_norm_eps: float = HEAD_NORM_EPS,
 ) -> DIPModel:
     """Load the encoder from the backbone registry and attach a freshly initialised head."""
     encoder = load_backbone(backbone, weights=weights, tiny=tiny, device=device)
-    model = DIPModel(encoder, trainable_blocks, head_hidden_mult, head_dim)
+    model = DIPModel(encoder, trainable_blocks, head_hidden_mult, head_dim, head_norm_eps)
     return model.to(device) if device is not None else model
 
 
@@ -187,6 +195,37 @@ def fast_matmul(device: torch.device):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def autocast(precision: str, device: torch.device):
+    """Mixed precision of the forward pass: autocast to bf16 or fp16 on CUDA; none on a CPU
+    (CPU autocast is slow or missing for many ops) or for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if device.type != "cuda" or dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16: a dynamic loss scaler, as the released training uses (torch.amp.GradScaler: scale
+    the loss, unscale the gradients, skip a step whose gradients hold inf or NaN and halve the
+    scale); None for bf16 and fp32, whose range needs none. It runs on a CPU too, so the CPU
+    path is the GPU's, in fp32 arithmetic."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def optimizer_step(optimizer, scaler: torch.amp.GradScaler | None) -> float:
+    """One optimizer step; with a loss scaler, skipped when a gradient holds inf or NaN.
+
+    Returns the loss scale the step's gradients were computed with (1 without a scaler).
+    """
+    if scaler is None:
+        optimizer.step()
+        return 1.0
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # unscales, then steps only if every gradient is finite
+    scaler.update()  # halves the scale after a skipped step, grows it after a run of good ones
+    return scale
 
 
 def peak_memory_bytes(device: torch.device) -> int:
