@@ -34,6 +34,10 @@ from shared import storage
 
 # Architecture of every tiny variant: the same timm class and options, only smaller.
 TINY_ARGS = {"embed_dim": 32, "depth": 4, "num_heads": 2}
+# LayerScale gamma of a tiny variant at init. The full models' 1e-5 (DINOv2's init, meant for
+# weights that are then pretrained at length) would leave a random tiny encoder's blocks switched
+# off: its output is its patch embedding, and a few hundred post-training steps barely wake them.
+TINY_LAYER_SCALE = 1.0
 # Wrappers that training code and checkpoint formats put around a timm state dict.
 NESTING_KEYS = ("state_dict", "model", "encoder")
 KEY_PREFIXES = ("module.", "backbone.", "model.")
@@ -61,6 +65,7 @@ class BackboneSpec:
     label_input_size: int  # labeling: whole image resized to a 32 x 32 patch grid
     eval_input_size: int  # in-context evaluation
     hub_id: str  # Hugging Face repository timm pulls the pretrained weights from
+    layer_scale: bool = False  # blocks scale their residual branches by learned gammas (LayerScale)
 
     @property
     def arch(self) -> str:
@@ -74,6 +79,7 @@ def _dinov2_reg(name: str, size: str, dim: int, depth: int, heads: int) -> Backb
         name=name, timm_id=timm_id, patch_size=14, embed_dim=dim, depth=depth, num_heads=heads,
         num_prefix_tokens=5, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         input_size=224, label_input_size=448, eval_input_size=504, hub_id=f"timm/{timm_id}",
+        layer_scale=True,
     )
 
 
@@ -118,7 +124,9 @@ def create_timm_model(
 ) -> nn.Module:
     """The plain timm model of a spec (headless, any input size); tiny: same family, tiny size."""
     spec = get_spec(spec) if isinstance(spec, str) else spec
-    extra = TINY_ARGS if tiny else {}
+    extra = dict(TINY_ARGS) if tiny else {}
+    if tiny and spec.layer_scale:
+        extra["init_values"] = TINY_LAYER_SCALE
     model_id = spec.timm_id if pretrained else spec.arch
     return timm.create_model(
         model_id, pretrained=pretrained, num_classes=0, dynamic_img_size=True, **extra

@@ -196,4 +196,5 @@ def test_lean_step_gives_the_loss_and_gradients_of_the_gathered_step():
         assert torch.allclose(new[name], grad, atol=1e-6, rtol=0), name
     own_only = support[:, :1].repeat(1, 8)  # every task sees only its own positive
     other_loss = task_loss(model, q, ql, s, sl, own_only, classes, p)
-    assert not torch.allclose(other_loss, old_loss, atol=1e-4)  # the support index matters
+    # the support index matters: far more than the 1e-6 the two paths may differ by
+    assert (other_loss - old_loss).abs() > 1e-5
