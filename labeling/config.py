@@ -6,9 +6,18 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared.config import Config
+
+# The inputs of one DiffCut pass, by protocol (docs/labeling.md "DiffCut presets").
+# project: CPU generator (the same noise on every device), antialiased resize, float32 VAE.
+# released: DiffCut's released extractor: a CUDA generator seeded 42, bilinear resize without
+# antialiasing, the VAE held in float16 (computing in float32, labeling.diffcut.vae_compute_dtype).
+DIFFCUT_PRESETS: dict[str, dict[str, Any]] = {
+    "project": {"seed": 0, "noise_device": "cpu", "antialias": True, "vae_dtype": "float32"},
+    "released": {"seed": 42, "noise_device": "cuda", "antialias": False, "vae_dtype": "float16"},
+}
 
 
 class DiffCutConfig(Config):
@@ -17,9 +26,31 @@ class DiffCutConfig(Config):
     timestep: int = Field(50, ge=0, le=999)  # noise level of the single UNet pass
     tau: float = Field(0.5, gt=0)  # recursive NCut stops when the best cut is >= tau
     alpha: float = Field(10.0, gt=0)  # affinity exponent W ** alpha
-    vae_dtype: Literal["float32", "bfloat16"] = "float32"  # fp16 overflows in the SDXL VAE
     pamr: bool = False
+    # the preset fills the four settings below that the config does not give (defaults: project)
+    preset: Literal["project", "released"] = "project"
+    vae_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # float16: weights only
     seed: int = 0
+    noise_device: Literal["cpu", "cuda"] = "cpu"  # the generator of the fixed noise
+    antialias: bool = True  # of the bilinear resize to resolution x resolution
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """Settings the input leaves out take the preset's values, when the config is read."""
+        if not isinstance(data, dict) or data.get("preset", "project") not in DIFFCUT_PRESETS:
+            return data  # not a mapping, or an unknown preset: field validation says so
+        return {**DIFFCUT_PRESETS[data.get("preset", "project")], **data}
+
+
+class FelzenszwalbConfig(Config):
+    """The classical CPU segmenter (labeling/classical.py); defaults measured on the built-in
+    scenes (benchmarks/bench_felzenszwalb.py)."""
+
+    scale: float = Field(1600.0, gt=0)  # merge threshold k (0..255 colour units): larger, fewer segments
+    sigma: float = Field(0.25, ge=0)  # Gaussian pre-smoothing, pixels of the working image
+    min_size: int = Field(100, ge=1)  # smaller segments merge into a neighbour (working pixels)
+    resolution: int = Field(96, ge=32, le=4096)  # longer side of the working image
 
 
 class LabelConfig(Config):
@@ -33,6 +64,7 @@ class LabelConfig(Config):
     tiny: bool = False  # tiny random-init models (tests, offline demo)
     segmenter: str = "diffcut"
     diffcut: DiffCutConfig = Field(default_factory=DiffCutConfig)
+    felzenszwalb: FelzenszwalbConfig = Field(default_factory=FelzenszwalbConfig)
     feature_size: int = Field(448, ge=14)  # DINOv2R input: a 32x32 patch grid at /14
     classes: int = Field(1000, ge=2)  # K of K-means
     kmeans_max_images: int = Field(200_000, ge=1)  # above this, K-means on a random subset

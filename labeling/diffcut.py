@@ -2,7 +2,8 @@
 
 `DiffCutFeatureExtractor`: the image resized (not cropped) to resolution x resolution
 (1024) in [0, 1], mapped to [-1, 1]; VAE posterior mean x scaling_factor (VAE in float32 by default);
-z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps at t = 50 with one fixed-seed eps shared by every image;
+z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps at t = 50 with one fixed-seed eps shared by every image
+(drawn once, from a CPU or a CUDA generator: labeling.config.DIFFCUT_PRESETS names the protocols);
 one UNet pass conditioned on the empty prompt (SDXL: both text encoders' penultimate states,
 the pooled embedding and the size time ids, computed once), capturing the output of
 unet.down_blocks[-1].attentions[-1].transformer_blocks[-1].attn1 and stopping the UNet right there.
@@ -69,6 +70,39 @@ def default_unet_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def vae_compute_dtype(vae_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the VAE computes in: its own, except float16, which computes in float32.
+
+    DiffCut's released code loads the pipeline in float16 and encodes under
+    torch.autocast("cuda", dtype=torch.float32), which casts each convolution, linear layer and
+    norm to float32: the weights are float16-rounded, the arithmetic is float32 (float16
+    arithmetic overflows in the SDXL VAE). Rounding the weights once and computing in float32
+    gives the same numbers on every device.
+    """
+    return torch.float32 if vae_dtype == torch.float16 else vae_dtype
+
+
+def make_noise(shape: tuple[int, ...], seed: int, noise_device: str, device: torch.device) -> Tensor:
+    """The fixed eps (float32, on `device`) from a generator seeded `seed` on `noise_device`.
+
+    A CPU generator gives the same eps on every machine; a CUDA generator gives the released
+    code's eps, which no CPU can draw: asking for it off a GPU is an error, not a fallback.
+    """
+    if noise_device == "cpu":
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(shape, generator=gen).to(device)
+    if noise_device != "cuda":
+        raise ValueError(f"diffcut.noise_device must be 'cpu' or 'cuda', got {noise_device!r}")
+    if device.type != "cuda":
+        raise ValueError(
+            f"diffcut.noise_device 'cuda' (preset 'released') draws the noise from a CUDA generator, "
+            f"but DiffCut runs on {device}: run it on a GPU, or set diffcut.noise_device: cpu "
+            "(the same seed on the CPU generator gives other noise, hence other segments)"
+        )
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=gen, device=device)
+
+
 def _to(model, device: torch.device, dtype: torch.dtype):
     """Frozen eval-mode model on device, cast only when its dtype differs."""
     if model.dtype != dtype:
@@ -91,14 +125,19 @@ class DiffCutFeatureExtractor:
         device: str | torch.device | None = None,
         unet_dtype: torch.dtype | None = None,
         vae_dtype: torch.dtype = torch.float32,
+        noise_device: str = "cpu",
+        antialias: bool = True,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.unet_dtype = unet_dtype or default_unet_dtype(self.device)
         self.vae_dtype = vae_dtype
         self.unet = _to(unet, self.device, self.unet_dtype)
-        self.vae = _to(vae, self.device, vae_dtype)
+        if vae_dtype == torch.float16:  # float16-rounded weights, float32 arithmetic
+            vae = _to(vae, self.device, torch.float16)
+        self.vae = _to(vae, self.device, vae_compute_dtype(vae_dtype))
         self.scheduler = scheduler
         self.resolution, self.timestep, self.seed = resolution, timestep, seed
+        self.noise_device, self.antialias = noise_device, antialias
         self.alpha_bar = float(scheduler.alphas_cumprod[timestep])
         down = 2 ** (len(vae.config.block_out_channels) - 1)
         if resolution % down:
@@ -106,8 +145,9 @@ class DiffCutFeatureExtractor:
                 f"resolution {resolution} is not a multiple of the VAE's downsampling {down}"
             )
         latent = resolution // down
-        gen = torch.Generator().manual_seed(seed)  # CPU generator: the same noise on every device
-        self.noise = torch.randn(1, vae.config.latent_channels, latent, latent, generator=gen)
+        self.noise = make_noise(
+            (1, vae.config.latent_channels, latent, latent), seed, noise_device, self.device
+        )  # (1, 4, R/8, R/8), shared by every image
         self.prompt_states = prompt.states.to(self.device, self.unet_dtype)
         self.added_cond = {
             "text_embeds": prompt.pooled.to(self.device, self.unet_dtype),
@@ -167,7 +207,7 @@ class DiffCutFeatureExtractor:
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         """(B, 3, R, R) images in [0, 1] -> VAE posterior mean x scaling_factor, (B, 4, R/8, R/8) float32."""
-        x = (2.0 * images - 1.0).to(self.device, self.vae_dtype)
+        x = (2.0 * images - 1.0).to(self.device, vae_compute_dtype(self.vae_dtype))
         return self.vae.encode(x).latent_dist.mean.float() * self.vae.config.scaling_factor
 
     @torch.no_grad()
@@ -205,10 +245,11 @@ class DiffCutFeatureExtractor:
         size = (self.resolution, self.resolution)
         if images.shape[-2:] != size:
             images = F.interpolate(
-                images.float(), size=size, mode="bilinear", align_corners=False, antialias=True
+                images.float(), size=size, mode="bilinear", align_corners=False,
+                antialias=self.antialias,
             )
         z0 = self.encode(images.clamp(0.0, 1.0))
-        zt = add_noise(z0, self.noise.to(z0.device).expand_as(z0), self.alpha_bar)
+        zt = add_noise(z0, self.noise.expand_as(z0), self.alpha_bar)
         return F.normalize(self.hooked_tokens(zt).float(), dim=-1)
 
 

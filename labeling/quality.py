@@ -62,3 +62,22 @@ def majority_miou(conf: np.ndarray) -> float:
     """Many-to-one mIoU: each pseudo-class is read as the true class it overlaps most."""
     mapping = np.where(conf.sum(0) > 0, conf.argmax(0), -1)
     return _miou_from_mapping(conf, mapping)
+
+
+def best_match_ious(truth: np.ndarray, segments: np.ndarray, ignore_index: int = 255
+                    ) -> np.ndarray:
+    """Per ground-truth region (each class present in ``truth``), its IoU with the segment that
+    overlaps it best -> (R,) float64; ignored pixels count in neither region nor segment.
+
+    Class-agnostic: it asks whether each true region is recovered as one segment, whatever the
+    segment's id, so it scores segment maps (before any pseudo-class is assigned).
+    """
+    if truth.shape != segments.shape:
+        raise ValueError(f"ground-truth mask is {truth.shape}, segment map is {segments.shape}")
+    conf = confusion(truth, segments, int(truth.max()) + 1, int(segments.max()) + 1,
+                     ignore_index)  # (T, S) pixels of region t in segment s
+    region, segment = conf.sum(1), conf.sum(0)  # (T,), (S,)
+    present = region > 0  # the ignore class has no pixels left
+    union = region[:, None] + segment[None, :] - conf  # (T, S)
+    iou = conf / np.maximum(union, 1)
+    return iou[present].max(axis=1)

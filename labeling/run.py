@@ -55,7 +55,7 @@ def main(
     out: Annotated[str | None, typer.Option(help="label set URI (local path or s3://...)")] = None,
     backbone: Annotated[str | None, typer.Option(help="encoder for pooling and pairs, e.g. vits14")] = None,
     weights: Annotated[str | None, typer.Option(help="'hub' or a weight file for the encoder")] = None,
-    segmenter: Annotated[str | None, typer.Option(help="segmenter name (diffcut), or package.module:factory for your own")] = None,
+    segmenter: Annotated[str | None, typer.Option(help="segmenter: diffcut (default) or felzenszwalb (a CPU baseline), or package.module:factory for your own")] = None,
     classes: Annotated[int | None, typer.Option(help="K, the number of pseudo-classes")] = None,
     shard_size: Annotated[int | None, typer.Option(help="images per shard")] = None,
     batch_size: Annotated[int | None, typer.Option(help="images per GPU batch")] = None,

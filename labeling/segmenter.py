@@ -20,6 +20,8 @@ token grid -> every pixel takes the segment whose mean feature best matches its 
 upsampled feature (labeling.concepts) -> optional PAMR -> contiguous ids. Each image is uploaded
 once as uint8; its resize, the assignment and the renumbering run on the extractor's device,
 which the host waits on once per batch outside the cut.
+
+`felzenszwalb` (labeling.classical): graph segmentation on the CPU, a baseline with no model.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from labeling.concepts import concept_scores, contiguous_ids, upsample, upsample_argmax
+from labeling.concepts import concept_scores, contiguous_ids, upsample_argmax
+from labeling.config import DIFFCUT_PRESETS
 from labeling.diffcut import (
     HOOKED_LAYER,
     SSD1B_HUB_ID,
@@ -43,7 +46,13 @@ from labeling.diffcut import (
     tiny_sdxl_components,
 )
 from labeling.ncut import NCutWorkspace, batched_recursive_ncut
-from labeling.pamr import DEFAULT_DILATIONS, DEFAULT_ITERATIONS, pamr
+from labeling.pamr import (
+    DEFAULT_DILATIONS,
+    DEFAULT_ITERATIONS,
+    DEFAULT_SIZE,
+    nearest_resize,
+    refine_scores,
+)
 
 MIN_SIDE = 32  # the 32 x 32 token grid needs at least one pixel per token
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -190,11 +199,13 @@ class Segmenter(ABC):
         """What determines the output (name, settings, weights): recorded in a label set's metadata."""
 
 
+# None: the preset's value (DIFFCUT_PRESETS: seed, noise_device, antialias, vae_dtype)
 SEGMENTER_DEFAULTS: dict[str, Any] = {
-    "source": SSD1B_HUB_ID, "variant": None, "resolution": 1024, "timestep": 50, "seed": 0,
-    "unet_dtype": None, "vae_dtype": torch.float32, "tau": 0.5, "alpha": 10.0, "batch_size": 8,
+    "source": SSD1B_HUB_ID, "variant": None, "resolution": 1024, "timestep": 50, "seed": None,
+    "unet_dtype": None, "vae_dtype": None, "tau": 0.5, "alpha": 10.0, "batch_size": 8,
+    "preset": "project", "noise_device": None, "antialias": None,
     "use_pamr": False, "pamr_iterations": DEFAULT_ITERATIONS, "pamr_dilations": DEFAULT_DILATIONS,
-    "pamr_max_side": 512, "max_pixels": None,
+    "pamr_size": DEFAULT_SIZE, "max_pixels": None,
 }  # fmt: skip
 _CONFIG_FIELDS = {"model": "source", "pamr": "use_pamr"}  # DiffCutConfig name -> setting name
 
@@ -212,6 +223,12 @@ def _settings(config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
                 f"DiffCutSegmenter: unknown setting {key!r}; known: {', '.join(settings)}"
             )
         settings[key] = value
+    if settings["preset"] not in DIFFCUT_PRESETS:
+        raise ValueError(f"DiffCutSegmenter: unknown preset {settings['preset']!r}; known: "
+                         f"{', '.join(DIFFCUT_PRESETS)}")
+    for key, value in DIFFCUT_PRESETS[settings["preset"]].items():
+        if settings[key] is None:  # an explicit setting wins over the preset
+            settings[key] = value
     for key in ("unet_dtype", "vae_dtype"):
         if isinstance(settings[key], str):
             settings[key] = getattr(torch, settings[key])
@@ -237,9 +254,8 @@ class DiffCutSegmenter(Segmenter):
     ):
         opts = _settings(config, settings)
         if extractor is None:
-            model = {
-                k: opts[k] for k in ("resolution", "timestep", "seed", "unet_dtype", "vae_dtype")
-            }
+            model = {k: opts[k] for k in ("resolution", "timestep", "seed", "unet_dtype",
+                                          "vae_dtype", "noise_device", "antialias")}
             if tiny:
                 parts = tiny_sdxl_components(opts["seed"])
                 prompt = encode_empty_prompt(
@@ -260,7 +276,7 @@ class DiffCutSegmenter(Segmenter):
         self.tau, self.alpha, self.batch_size = opts["tau"], opts["alpha"], opts["batch_size"]
         self.use_pamr, self.pamr_iterations = opts["use_pamr"], opts["pamr_iterations"]
         self.pamr_dilations = tuple(opts["pamr_dilations"])
-        self.pamr_max_side = opts["pamr_max_side"]
+        self.pamr_size = opts["pamr_size"]
         if opts["max_pixels"] is not None:
             self.max_pixels = opts["max_pixels"]
         self._ncut_workspace = NCutWorkspace()  # the cut's large buffers, reused batch after batch
@@ -271,8 +287,9 @@ class DiffCutSegmenter(Segmenter):
             "name": self.name, "source": self.source, "tau": self.tau, "alpha": self.alpha,
             "resolution": ex.resolution, "timestep": ex.timestep, "seed": ex.seed,
             "unet_dtype": str(ex.unet_dtype), "vae_dtype": str(ex.vae_dtype), "hooked_layer": HOOKED_LAYER,
+            "noise_device": ex.noise_device, "antialias": ex.antialias,
             "pamr": {"iterations": self.pamr_iterations, "dilations": list(self.pamr_dilations),
-                     "max_side": self.pamr_max_side} if self.use_pamr else None,
+                     "size": self.pamr_size} if self.use_pamr else None,
         }  # fmt: skip
 
     @property
@@ -286,39 +303,39 @@ class DiffCutSegmenter(Segmenter):
         for start in range(0, len(images), self.batch_size):
             chunk = [to_device(img, self.device) for img in images[start : start + self.batch_size]]
             size = (self.extractor.resolution, self.extractor.resolution)
-            batch = torch.stack([resize_unit(img, size) for img in chunk])  # (B, 3, R, R)
+            batch = torch.stack(
+                [resize_unit(img, size, self.extractor.antialias) for img in chunk]
+            )  # (B, 3, R, R)
             tokens = self.extractor(batch)  # (B, h*w, C)
             labels = batched_recursive_ncut(
                 tokens, self.tau, self.alpha, workspace=self._ncut_workspace
             )  # (B, h*w)
             counts = (labels.amax(dim=1) + 1).tolist()  # the batch's one host wait after the cut
-            for img, feats, lab, k in zip(chunk, tokens, labels, counts, strict=True):
-                maps.append(self._full_resolution(img, feats, lab, k))
+            for img, unit, feats, lab, k in zip(chunk, batch, tokens, labels, counts, strict=True):
+                maps.append(self._full_resolution(img, feats, lab, k, unit))
         return maps
 
-    def _full_resolution(self, image: Tensor, feats: Tensor, labels: Tensor, k: int) -> Tensor:
+    def _full_resolution(
+        self, image: Tensor, feats: Tensor, labels: Tensor, k: int, unit: Tensor | None = None
+    ) -> Tensor:
         """Token segments -> (H, W) int32 map: concept assignment, optional PAMR, contiguous ids.
 
-        `image` is the (H, W, 3) uint8 image on the device, `k` the number of token segments.
+        `image` is the (H, W, 3) uint8 image on the device, `k` the number of token segments,
+        `unit` the (3, R, R) extractor input made from it (PAMR's image; resized here if None).
         """
         size = (image.shape[0], image.shape[1])
         scores = concept_scores(feats, labels, self.extractor.token_grid, k)  # (K, h, w)
         if self.use_pamr:
-            scores = self._refine(image, scores)
-        ids = contiguous_ids(upsample_argmax(scores, size), k)  # (H, W)
+            ex = self.extractor
+            if unit is None:
+                unit = resize_unit(image, (ex.resolution, ex.resolution), ex.antialias)
+            refined = refine_scores(unit, scores, self.pamr_size, self.pamr_iterations,
+                                    self.pamr_dilations, ex.antialias)  # (s, s)
+            ids = contiguous_ids(nearest_resize(refined, size), k)  # (H, W)
+        else:
+            ids = contiguous_ids(upsample_argmax(scores, size), k)  # (H, W)
         # a uniform image has a single region, decided on the device: nothing waits for it
         return ids.mul_(~is_uniform(image))
-
-    def _refine(self, image: Tensor, scores: Tensor) -> Tensor:
-        """PAMR of the (K, h, w) scores' argmax on the image shrunk to pamr_max_side -> (K, h', w')."""
-        height, width = image.shape[0], image.shape[1]
-        scale = min(1.0, self.pamr_max_side / max(height, width))
-        work = (max(1, round(height * scale)), max(1, round(width * scale)))
-        small = resize_unit(image, work)  # (3, h', w')
-        onehot = F.one_hot(upsample(scores, work).argmax(dim=0), scores.shape[0])  # (h', w', K)
-        return pamr(
-            small, onehot.permute(2, 0, 1).float(), self.pamr_iterations, self.pamr_dilations
-        )
 
 
 def to_device(image: np.ndarray, device: torch.device) -> Tensor:
@@ -336,15 +353,25 @@ def is_uniform(image: Tensor) -> Tensor:
     return (flat[3:] == flat[:-3]).all()
 
 
-def resize_unit(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """(H, W, 3) uint8 image -> (3, *size) float32 in [0, 1], antialiased bilinear, on its device."""
+def resize_unit(image: Tensor, size: tuple[int, int], antialias: bool = True) -> Tensor:
+    """(H, W, 3) uint8 image -> (3, *size) float32 in [0, 1], bilinear (antialiased), on its device."""
     unit = image.permute(2, 0, 1).float().div(255.0)  # (3, H, W)
     return F.interpolate(
-        unit[None], size=size, mode="bilinear", align_corners=False, antialias=True
+        unit[None], size=size, mode="bilinear", align_corners=False, antialias=antialias
     )[0]
 
 
-_REGISTRY: dict[str, Callable[..., Segmenter]] = {"diffcut": DiffCutSegmenter}
+
+def _felzenszwalb(**kwargs: Any) -> Segmenter:
+    """The classical CPU segmenter (labeling.classical), imported only when one is built."""
+    from labeling.classical import FelzenszwalbSegmenter
+
+    return FelzenszwalbSegmenter(**kwargs)
+
+
+_REGISTRY: dict[str, Callable[..., Segmenter]] = {
+    "diffcut": DiffCutSegmenter, "felzenszwalb": _felzenszwalb,
+}
 
 
 def register_segmenter(name: str, factory: Callable[..., Segmenter]) -> None:

@@ -93,13 +93,16 @@ def build_segmenter(cfg: LabelConfig, device: torch.device):
     """The configured segmenter; ``tiny`` builds DiffCut on a random-init SDXL-shaped pipeline."""
     from labeling.segmenter import get_segmenter
 
+    if cfg.segmenter == "felzenszwalb":  # no model: nothing of DiffCut is built
+        return get_segmenter("felzenszwalb", config=cfg.felzenszwalb, device=device)
     if cfg.segmenter != "diffcut":
         return get_segmenter(cfg.segmenter, device=device)
     from labeling.diffcut import DiffCutFeatureExtractor, encode_empty_prompt, tiny_sdxl_components
 
     dc = cfg.diffcut
     options = dict(resolution=dc.resolution, timestep=dc.timestep, seed=dc.seed, device=device,
-                   vae_dtype=getattr(torch, dc.vae_dtype))
+                   vae_dtype=getattr(torch, dc.vae_dtype), noise_device=dc.noise_device,
+                   antialias=dc.antialias)  # the preset's values, resolved by DiffCutConfig
     extractor = None
     if cfg.tiny:
         parts = tiny_sdxl_components(seed=cfg.seed)
@@ -178,7 +181,7 @@ def isolate(fn: Callable[[list[Any]], list[Any]], items: list[Any], names: list[
     return [isolate(fn, [item], [name])[0] for item, name in zip(items, names, strict=True)]
 
 
-def _systemic(failures: list[str], ok: int, where: str) -> None:
+def raise_if_systemic(failures: list[str], ok: int, where: str) -> None:
     """Several images of a shard, and none passing, failing in the models is the environment's
     fault (a broken device, a bug), not theirs: the shard fails instead of recording them."""
     if len(failures) > 1 and ok == 0:
@@ -239,7 +242,7 @@ def segment_shard(models: LabelingModels, writer: LabelSetWriter, shard: int,
                     continue
                 height[i], width[i] = image.shape[:2]
                 results[i] = (pngs.submit(encode_png, res[0]), *res[1:])
-        _systemic(model_failures, sum(r is not None for r in results), f"shard {shard}")
+        raise_if_systemic(model_failures, sum(r is not None for r in results), f"shard {shard}")
         ok = [i for i in range(n) if results[i] is not None]
         maps = {image_ids[i]: results[i][0].result() for i in ok}
     _write_segments(writer, shard, image_ids, uris, width, height, errors,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import median_filter
 
 from labeling import segmenter as segmenter_module
 from labeling.concepts import concept_scores, upsample, upsample_argmax
@@ -149,11 +150,11 @@ def test_bad_inputs_are_refused_with_the_size_or_dtype(segmenter):
 
 
 def test_pamr_option_keeps_the_contract(extractor):
-    seg = DiffCutSegmenter(extractor=extractor, use_pamr=True, pamr_iterations=2, pamr_max_side=64)
+    seg = DiffCutSegmenter(extractor=extractor, use_pamr=True, pamr_iterations=2, pamr_size=64)
     img = np.random.default_rng(2).integers(0, 256, (100, 80, 3), dtype=np.uint8)
     (out,) = seg.segment([img])
     assert out.shape == (100, 80) and np.array_equal(np.unique(out), np.arange(out.max() + 1))
-    assert seg.identity()["pamr"]["iterations"] == 2
+    assert seg.identity()["pamr"] == {"iterations": 2, "dilations": [1, 2, 4, 8], "size": 64}
 
 
 def test_registry_knows_diffcut_and_accepts_a_second_segmenter(monkeypatch):
@@ -204,19 +205,32 @@ def host_path(seg: DiffCutSegmenter, images: list[np.ndarray]) -> list[np.ndarra
         )
         tokens = ex(batch)
         labels = batched_recursive_ncut(tokens, seg.tau, seg.alpha)
-        for im, unit, feats, lab in zip(chunk, units, tokens, labels, strict=True):
+        for im, unit, feats, lab in zip(chunk, batch, tokens, labels, strict=True):
             if (im == im[:1, :1]).all():
                 maps.append(np.zeros(im.shape[:2], np.uint16))
                 continue
             scores = concept_scores(feats, lab, ex.token_grid)
             if seg.use_pamr:
-                scale = min(1.0, seg.pamr_max_side / max(im.shape[:2]))
-                work = tuple(max(1, round(side * scale)) for side in im.shape[:2])
-                small = F.interpolate(unit[None], size=work, mode="bilinear", antialias=True)[0]
-                onehot = F.one_hot(upsample(scores, work).argmax(0), len(scores)).permute(2, 0, 1)
-                scores = pamr(small, onehot.float(), seg.pamr_iterations, seg.pamr_dilations)
-            maps.append(relabel_contiguous(upsample_argmax(scores, im.shape[:2]).numpy()))
+                maps.append(relabel_contiguous(released_pamr(seg, unit, scores, im.shape[:2])))
+            else:
+                maps.append(relabel_contiguous(upsample_argmax(scores, im.shape[:2]).numpy()))
     return maps
+
+
+def released_pamr(seg, unit, scores, size) -> np.ndarray:
+    """DiffCut's evaluation order: labels and image at s x s, PAMR of the one-hot masks of the
+    labels present, argmax, scipy's 3 x 3 median; then each pixel of `size` takes the label
+    under its centre."""
+    s = seg.pamr_size
+    small = F.interpolate(unit[None], size=(s, s), mode="bilinear", antialias=True)[0]
+    labels = upsample(scores, (s, s)).argmax(0)
+    present = labels.unique()
+    masks = torch.stack([(labels == p).float() for p in present])
+    refined = pamr(small, masks, seg.pamr_iterations, seg.pamr_dilations).argmax(0).numpy()
+    refined = present.numpy()[median_filter(refined, 3)]
+    rows = (2 * np.arange(size[0]) + 1) * s // (2 * size[0])
+    cols = (2 * np.arange(size[1]) + 1) * s // (2 * size[1])
+    return refined[rows[:, None], cols[None, :]]
 
 
 def varied_images() -> list[np.ndarray]:
@@ -231,7 +245,7 @@ def varied_images() -> list[np.ndarray]:
 def test_device_path_gives_the_host_path_maps(extractor, use_pamr):
     # tau and alpha chosen so that the tiny model cuts the images into many segments
     seg = DiffCutSegmenter(extractor=extractor, batch_size=3, tau=0.95, alpha=4.0,
-                           use_pamr=use_pamr, pamr_iterations=2, pamr_max_side=64)  # fmt: skip
+                           use_pamr=use_pamr, pamr_iterations=2, pamr_size=64)  # fmt: skip
     images = varied_images()
     expected = host_path(seg, images)
     tensors = seg.segment_tensors(images)

@@ -1,4 +1,4 @@
-"""Concept assignment to full resolution, PAMR, and segment-map helpers."""
+"""Concept assignment to full resolution and segment-map helpers (PAMR: test_pamr.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from labeling.concepts import (
     upsample,
     upsample_argmax,
 )
-from labeling.pamr import pamr, pamr_affinity
 from labeling.segmenter import ImageInputError, maps_to_numpy, prepare_image, relabel_contiguous
 
 
@@ -123,39 +122,6 @@ def test_maps_to_numpy_copies_a_batch_to_uint16_maps():
     assert maps_to_numpy([]) == []
     with pytest.raises(ValueError, match="0..65536 do not fit a uint16"):
         maps_to_numpy([torch.tensor([[0, 65536]])])
-
-
-def test_pamr_affinity_is_a_distribution_and_uniform_on_flat_images():
-    img = torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(0))
-    aff = pamr_affinity(img, (1, 2))
-    assert aff.shape == (16, 20, 24) and (aff >= 0).all()
-    assert torch.allclose(aff.sum(dim=0), torch.ones(20, 24))
-    assert torch.allclose(
-        pamr_affinity(torch.full((3, 10, 10), 0.3), (1, 2)), torch.full((16, 10, 10), 1 / 16)
-    )
-
-
-def test_pamr_moves_a_misplaced_boundary_to_the_image_edge():
-    img = torch.zeros(3, 32, 32)
-    img[:, :, 16:] = 1.0
-    img += 0.02 * torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(0))
-    wrong = torch.zeros(32, 32, dtype=torch.long)
-    wrong[:, 19:] = 1  # boundary 3 px right of the edge
-    masks = F.one_hot(wrong, 2).permute(2, 0, 1).float()
-    refined = pamr(img, masks)
-    truth = torch.zeros(32, 32, dtype=torch.long)
-    truth[:, 16:] = 1
-    assert torch.equal(refined.argmax(dim=0), truth)
-    assert torch.allclose(
-        refined.sum(dim=0), torch.ones(32, 32), atol=1e-5
-    )  # propagation keeps mass
-
-
-def test_pamr_keeps_a_single_mask_constant():
-    img = torch.rand(3, 16, 16)
-    assert torch.allclose(
-        pamr(img, torch.ones(1, 16, 16), iterations=3), torch.ones(1, 16, 16), atol=1e-6
-    )
 
 
 def test_prepare_image_converts_gray_and_rgba():
