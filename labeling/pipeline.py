@@ -138,7 +138,7 @@ def listing_digest(listing: pa.Table) -> str:
     return digest.hexdigest()
 
 
-def _check_out(out: str) -> None:
+def check_out(out: str) -> None:
     """Refuse an output folder that holds something other than a label set."""
     if not storage.exists(out) or is_labelset(out):
         return
@@ -149,7 +149,7 @@ def _check_out(out: str) -> None:
                         "_progress.json in it); choose a new folder: nothing was written there")
 
 
-def _clear(out: str) -> None:
+def clear_labelset(out: str) -> None:
     """Remove a label set's files (never the lease, nor the synthetic inputs it was made from)."""
     if not is_labelset(out):
         return
@@ -165,7 +165,7 @@ class LabelingRun:
         self.cfg = cfg
         self.progress = progress
         self.timings: dict[str, float] = {}
-        _check_out(cfg.out)
+        check_out(cfg.out)
         root, self.ground_truth = resolve_images(cfg)
         self.cfg = cfg = cfg.model_copy(update={"ground_truth": self.ground_truth})
         self.listing = list_images(root)
@@ -181,7 +181,7 @@ class LabelingRun:
             raise storage.StorageError(f"output {cfg.out} is not writable: {exc}") from exc
         try:
             if not resume:
-                _clear(cfg.out)
+                clear_labelset(cfg.out)
             self.writer = LabelSetWriter(cfg.out, self.identities["segments"],
                                          self.lease.run_id)
             for stage, tables in STAGE_TABLES.items():

@@ -10,12 +10,13 @@ import pytest
 from pydantic import BaseModel
 
 from evaluation.config import EvalConfig, LowShotConfig, MemoryConfig, SearchConfig
-from labeling.config import DiffCutConfig, LabelConfig
+from labeling.config import DiffCutConfig, FelzenszwalbConfig, LabelConfig
+from labeling.importing import ImportConfig
 from training.config import TrainConfig
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 PAGES = {
-    "labeling.md": [LabelConfig, DiffCutConfig],
+    "labeling.md": [LabelConfig, DiffCutConfig, FelzenszwalbConfig, ImportConfig],
     "training.md": [TrainConfig],
     "evaluation.md": [EvalConfig, MemoryConfig, SearchConfig, LowShotConfig],
 }

@@ -39,10 +39,10 @@ def test_an_environment_failure_in_the_models_is_raised_not_recorded():
 
 
 def test_several_images_all_failing_fail_the_shard():
-    stages._systemic(["one failure"], 0, "shard 3")  # a single image: recorded, not raised
-    stages._systemic(["x", "y"], 1, "shard 3")  # others passed: the images' own fault
+    stages.raise_if_systemic(["one failure"], 0, "shard 3")  # a single image: recorded, not raised
+    stages.raise_if_systemic(["x", "y"], 1, "shard 3")  # others passed: the images' own fault
     with pytest.raises(ShardEnvironmentError, match="shard 3: every image failed"):
-        stages._systemic(["x", "y"], 0, "shard 3")
+        stages.raise_if_systemic(["x", "y"], 0, "shard 3")
 
 
 def test_reading_sorts_input_faults_from_environment_faults(tmp_path, monkeypatch):
