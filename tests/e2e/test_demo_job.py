@@ -33,13 +33,16 @@ def test_demo_job_on_a_head_node_writes_everything_to_s3(head_node, s3_bucket):
     assert f"report: {report_md}" in result.stdout, logs
 
     report = storage.read_json(storage.join(out, "report.json"))
-    miou = report["in_context_miou"]
-    assert f"mIoU before post-training: {100 * miou['before']:.2f}" in result.stdout
-    assert f"mIoU after post-training:  {100 * miou['after']:.2f}" in result.stdout
-    assert report["weights"]["after"] == storage.join(out, "train", "encoder.safetensors")
+    for source, row in report["post_training"].items():
+        assert (f"  {source:<10} before {row['before']:6.2f}  after {row['after']:6.2f}  "
+                f"gain {row['gain']:6.2f}") in result.stdout, logs
+    assert list(report["post_training"]) == ["diffcut", "classical", "oracle"]
+    assert report["weights"]["oracle"] == storage.join(out, "train", "oracle",
+                                                       "encoder.safetensors")
     assert all(uri.startswith(out + "/figures/") and storage.size(uri) > 0
                for uri in report["figures"].values())
-    labels = LabelSet(storage.join(out, "labels"))
+    labels = LabelSet(storage.join(out, "labels", "diffcut"))
     assert len(labels.image_ids) == 16
-    assert report["pseudo_labels"]["quality"] == labels.meta["counts"]["quality"]
+    assert report["post_training"]["diffcut"]["pseudo_label_quality"] == \
+        labels.meta["counts"]["quality"]
     assert storage.exists(storage.join(out, "eval", "results.json"))
