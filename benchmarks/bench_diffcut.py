@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from labeling.ncut import batched_recursive_ncut
 from labeling.segmenter import DiffCutSegmenter
+from shared.devices import default_device
 from shared.synthetic import make_scene
 
 
@@ -86,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="segmind/SSD-1B")
     parser.add_argument("--tiny", action="store_true", help="random-init tiny SDXL-style models")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(default_device()))
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)

@@ -31,6 +31,7 @@ from evaluation.memory import BankSpec, DatasetRef, EncoderRef, build_memory_ban
 from evaluation.search import FaissIVFSearch, FaissSearch, TorchSearch, transfer_from_shards
 from shared import storage
 from shared.backbones import load_backbone, save_backbone
+from shared.devices import default_device
 from shared.synthetic import write_synthetic_dataset
 
 
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-dtypes", default=None,
                         help="torch matmul dtypes, e.g. float32,float16 (default: float32 on "
                              "CPU, float32,float16 on CUDA; low precision = re-scored exactly)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(default_device()))
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="search timings: best of n")
     parser.add_argument("--workdir", default=None)

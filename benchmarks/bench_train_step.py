@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from shared.devices import default_device
 from training.config import TrainConfig
 from training.episodes import sample_support
 from training.incontext import incontext_loss, patchify_labels, soft_nn_predict
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--classes", type=int, default=1000, help="pseudo-classes (K)")
     parser.add_argument("--head-dim", type=int, default=6144)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(default_device()))
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")

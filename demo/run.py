@@ -175,17 +175,9 @@ def eval_config(demo: DemoConfig, weights: list[str]):
 
 def ensure_ray(address: str | None):
     """Connect to ``address`` / RAY_ADDRESS, or start a local Ray sized to this machine."""
-    import ray
+    from shared.ray_init import ensure_ray as connect
 
-    if ray.is_initialized():
-        return ray
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
-                 log_to_driver=False)
-    return ray
+    return connect(address, num_cpus=max(2, os.cpu_count() or 2))
 
 
 def write_scenes(demo: DemoConfig) -> None:

@@ -2,7 +2,8 @@
 
     <bank>/shards/<index>.features.npy   (n, D) float16, L2-normalised patch features
     <bank>/shards/<index>.values.npy     (n, C) float16 class histograms, or (n, 1) float32 depth
-    <bank>/shards/<index>.json           done marker of the shard: count, fingerprint
+    <bank>/shards/<index>.json           done marker of the shard (shared/markers.py): its
+                                         files, count, fingerprint
     <bank>/bank.json                     manifest: format, encoder identity, dataset, options,
                                          shard list with counts; its presence means complete
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from shared import storage
+from shared.markers import MarkedUnit, read_marker
 
 FORMAT = "dip-memory-bank/1"
 MANIFEST = "bank.json"
@@ -82,33 +84,34 @@ def shard_name(index: int) -> str:
     return f"{index:05d}"
 
 
-def shard_uris(bank_uri: str, index: int) -> dict[str, str]:
-    """URIs of the feature, value and marker objects of shard ``index``."""
-    base = storage.join(bank_uri, "shards", shard_name(index))
+def _shard_paths(index: int) -> dict[str, str]:
+    """Paths (relative to the bank) of the feature, value and marker objects of shard ``index``."""
+    base = f"shards/{shard_name(index)}"
     return {"features": f"{base}.features.npy", "values": f"{base}.values.npy",
             "marker": f"{base}.json"}
 
 
+def shard_uris(bank_uri: str, index: int) -> dict[str, str]:
+    """URIs of the feature, value and marker objects of shard ``index``."""
+    return {kind: storage.join(bank_uri, rel) for kind, rel in _shard_paths(index).items()}
+
+
 def write_shard(bank_uri: str, index: int, features: np.ndarray, values: np.ndarray,
                 fingerprint: dict) -> dict:
-    """Write one shard (features, values, then its marker) and return the marker."""
+    """Write one shard (features, values, then its marker, shared/markers.py) and return the
+    marker; a failed write removes what the shard had written."""
     if features.shape[0] != values.shape[0]:
         raise ValueError(f"shard {index}: {features.shape[0]} features but {values.shape[0]} values")
-    uris = shard_uris(bank_uri, index)
-    storage.write_bytes(uris["features"], npy_bytes(features.astype(np.float16)))
-    storage.write_bytes(uris["values"], npy_bytes(values))
-    marker = {"index": index, "count": int(features.shape[0]), "fingerprint": fingerprint}
-    storage.write_json(uris["marker"], marker)
-    return marker
+    paths = _shard_paths(index)
+    with MarkedUnit(bank_uri, paths["marker"], f"memory bank {bank_uri} shard {index}") as unit:
+        storage.write_bytes(unit.claim(paths["features"]), npy_bytes(features.astype(np.float16)))
+        storage.write_bytes(unit.claim(paths["values"]), npy_bytes(values))
+        return unit.commit(index=index, count=int(features.shape[0]), fingerprint=fingerprint)
 
 
 def finished_shard(bank_uri: str, index: int, fingerprint: dict) -> dict | None:
     """The marker of shard ``index`` if it was finished with the same fingerprint, else None."""
-    uri = shard_uris(bank_uri, index)["marker"]
-    if not storage.exists(uri):
-        return None
-    marker = storage.read_json(uri)
-    return marker if marker.get("fingerprint") == fingerprint else None
+    return read_marker(bank_uri, _shard_paths(index)["marker"], fingerprint=fingerprint)
 
 
 class MemoryBank:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,10 @@ import torch
 
 from shared import storage
 from shared.backbones import load_backbone
+from shared.devices import default_device
 from shared.images import to_tensor
+from shared.ray_init import ensure_ray
+from shared.seeds import derive_generator
 
 from .augment import augment_memory_image
 from .bank import (
@@ -39,6 +41,7 @@ from .bank import (
 )
 from .config import MemoryConfig
 from .datasets import open_dataset
+from .encode import dense_batches
 from .sampling import memory_patches
 
 
@@ -106,8 +109,7 @@ def fingerprint_key(fingerprint: dict) -> str:
 
 def image_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """The generator of one (epoch, image) view; independent of the worker and of the shard."""
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return derive_generator(seed, epoch, index)
 
 
 def _view(spec: BankSpec, epoch: int, index: int, sample, ignore):
@@ -136,16 +138,14 @@ def build_shard(spec: BankSpec, positions: Sequence[int], backbone, dataset,
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         samples = list(pool.map(lambda i: dataset.load(int(i)), positions))  # decoded once
         for epoch in range(opts["epochs"]):
-            views = list(pool.map(_view, [spec] * len(samples), [epoch] * len(samples),
-                                  [int(i) for i in positions], samples,
-                                  [ignore] * len(samples)))
-            for start in range(0, len(views), opts["batch_size"]):
-                chunk = views[start : start + opts["batch_size"]]
-                batch = torch.stack([v[0] for v in chunk]).to(device)  # (B, 3, S, S)
-                with torch.inference_mode():
-                    dense = backbone.dense_features(batch).float().cpu()  # (B, h, w, D)
+            views = pool.map(_view, [spec] * len(samples), [epoch] * len(samples),
+                             [int(i) for i in positions], samples, [ignore] * len(samples))
+            # (image, (target, valid, generator)) per view, batched through the encoder
+            pairs = ((img, (tgt, valid, gen)) for img, tgt, valid, gen in views)
+            for dense, chunk in dense_batches(backbone, pairs, opts["batch_size"], device):
+                dense = dense.float().cpu()  # (B, h, w, D)
                 per_image = spec.patches_per_image or dense.shape[1] * dense.shape[2]
-                for b, (_, tgt, valid, gen) in enumerate(chunk):
+                for b, (tgt, valid, gen) in enumerate(chunk):
                     f, v = memory_patches(dense[b], tgt, valid, per_image, gen,
                                           dataset.task, dataset.num_classes,
                                           dataset.ignore_index, opts["min_valid"])
@@ -164,7 +164,7 @@ class BankWorker:
         if threads:
             torch.set_num_threads(max(1, int(threads)))
         self.spec = spec
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device()
         self.backbone = spec.encoder.load(device=self.device)
         check_identity(spec.identity, encoder_identity(self.backbone),
                        f"(worker load of {spec.encoder.weights})")
@@ -175,16 +175,6 @@ class BankWorker:
                                     self.device, self.spec.options["loader_threads"])
         marker = write_shard(bank_uri, index, feats, values, self.spec.fingerprint())
         return {"index": index, "count": marker["count"], "images": len(positions)}
-
-
-def ensure_ray(address: str | None = None):
-    """The ray module, connected: an existing session, ``address`` / RAY_ADDRESS, or a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
-                 log_to_driver=False)
-    return ray
 
 
 def _run_ray(spec: BankSpec, bank_uri: str, jobs: list[tuple[int, list[int]]],

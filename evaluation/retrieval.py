@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
+from shared.devices import default_device
 from shared.images import eval_geometry, to_tensor
 
 from .bank import MemoryBank
 from .config import SearchConfig
+from .encode import encode_resized
 from .search import make_searcher, transfer_from_shards
 from .transfer import (
     MATCHINGS,
@@ -53,26 +54,12 @@ def _shard_device(searcher, device: torch.device) -> torch.device:
     return device if searcher.name == "torch" else torch.device("cpu")
 
 
-def _query_view(dataset, index: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    image, target = dataset.load(index)
-    return eval_geometry(to_tensor(image), torch.from_numpy(target), size)
-
-
 def encode_queries(backbone, dataset, indices: list[int], size: int, batch_size: int,
                    device: torch.device, threads: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense features (B, h, w, D) float16 (L2-normalised) and targets (B, S, S) of ``indices``;
     images are decoded and resized in ``threads`` threads."""
-    feats, targets = [], []
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        views = pool.map(lambda i: _query_view(dataset, i, size), indices)
-        for start in range(0, len(indices), batch_size):
-            chunk = [next(views) for _ in indices[start : start + batch_size]]
-            with torch.inference_mode():
-                batch = torch.stack([img for img, _ in chunk]).to(device)  # (B, 3, S, S)
-                dense = backbone.dense_features(batch)  # (B, h, w, D)
-            feats.append(F.normalize(dense.float(), dim=-1).half().cpu())
-            targets.append(torch.stack([tgt for _, tgt in chunk]))
-    return torch.cat(feats), torch.cat(targets)
+    return encode_resized(backbone, dataset, indices, size, batch_size, device,
+                          lambda dense: F.normalize(dense.float(), dim=-1).half().cpu(), threads)
 
 
 def evaluate_incontext(
@@ -92,7 +79,7 @@ def evaluate_incontext(
     values of the same predictions, so either published convention can be read off one run.
     """
     bank.check_encoder(identity, input_size)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     searcher = make_search_backend(cfg, device)
     shard_device = _shard_device(searcher, device)
     segmentation = dataset.task == "segmentation"
@@ -147,7 +134,7 @@ def evaluate_incontext(
 def predict_segmentation(backbone, bank: MemoryBank, images: list, cfg: SearchConfig,
                          input_size: int, device=None) -> list:
     """Retrieved-label segmentations (S, S) int64 of raw images (H, W, 3) uint8 (for figures)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     batch = torch.stack([eval_geometry(to_tensor(img), None, input_size)[0] for img in images])
     with torch.inference_mode():
         dense = backbone.dense_features(batch.to(device)).float().cpu()  # (B, h, w, D)

@@ -22,6 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shared.devices import default_device
+from shared.soft_transfer import transfer_weights
+
 Shards = Iterable[tuple[int, torch.Tensor]]
 BACKENDS = ("torch", "faiss", "faiss_ivf")
 
@@ -68,7 +71,7 @@ class TorchSearch:
                  query_chunk: int = 8192, dtype: torch.dtype = torch.float32,
                  max_block_elements: int = 1 << 26, rerank_margin: int = 32):
         self.k = k
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         self.query_chunk = query_chunk
         self.dtype = dtype
         self.max_block_elements = max_block_elements  # bounds the (chunk x shard) score block
@@ -253,12 +256,11 @@ def transfer_from_shards(sims: torch.Tensor, idx: torch.Tensor, value_shards: Sh
                          num_values: int, temperature: float) -> torch.Tensor:
     """y_i = sum_k softmax_k(s_ik / T) v_{idx_ik}, streaming over value shards -> (Nq, C).
 
-    Same result as ``weighted_values(sims, gather_values(idx, ...), T)`` without materialising
-    the (Nq, k, C) neighbour values.
+    The weights are :func:`shared.soft_transfer.transfer_weights`; the same result as
+    ``weighted_values(sims, gather_values(idx, ...), T)`` without materialising the (Nq, k, C)
+    neighbour values. Slots with index -1 add nothing.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    weights = torch.softmax(sims.float() / temperature, dim=1).reshape(-1)  # (Nq * k,)
+    weights = transfer_weights(sims, temperature).float().reshape(-1)  # (Nq * k,)
     flat = idx.reshape(-1)
     rows_of = torch.arange(idx.shape[0]).repeat_interleave(idx.shape[1])  # query of each slot
     out = torch.zeros(idx.shape[0], num_values, dtype=torch.float32)

@@ -17,15 +17,13 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from shared.confusion import class_iou, confusion_matrix, pair_iou
+from shared.patch_labels import patch_label_histograms
+from shared.soft_transfer import check_temperature, soft_transfer
+
+from .search import TorchSearch, transfer_from_shards
+
 MATCHINGS = ("identity", "hungarian")
-
-
-def _check_k(k: int, bank_size: int) -> int:
-    if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
-    if bank_size <= 0:
-        raise ValueError("the memory bank is empty")
-    return min(k, bank_size)
 
 
 def exact_topk(
@@ -33,30 +31,26 @@ def exact_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact cosine top-k: s_ij = <q_i/|q_i|, b_j/|b_j|>, the k largest per query (descending).
 
-    query (Nq, D), bank (Nb, D) -> similarities (Nq, k) float32, indices (Nq, k) int64.
-    Computed in float32 whatever the input dtype, ``query_chunk`` queries at a time.
+    query (Nq, D), bank (Nb, D) -> similarities (Nq, min(k, Nb)) float32, indices int64, on the
+    CPU. The benchmark's exact search (:class:`evaluation.search.TorchSearch`, float32) over a
+    bank of one shard, on the query's device, ``query_chunk`` queries at a time.
     """
     if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
         raise ValueError(f"query {tuple(query.shape)} and bank {tuple(bank.shape)} must be (N, D)")
-    k = _check_k(k, bank.shape[0])
-    b = F.normalize(bank.float(), dim=-1)  # (Nb, D)
-    sims, idx = [], []
-    for start in range(0, query.shape[0], query_chunk):
-        q = F.normalize(query[start : start + query_chunk].float(), dim=-1)  # (c, D)
-        s, i = torch.topk(q @ b.T, k, dim=1)  # (c, D) x (D, Nb) -> (c, Nb) -> (c, k)
-        sims.append(s)
-        idx.append(i)
-    if not sims:
-        return query.new_zeros(0, k, dtype=torch.float32), query.new_zeros(0, k, dtype=torch.long)
-    return torch.cat(sims), torch.cat(idx)
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    if bank.shape[0] == 0:
+        raise ValueError("the memory bank is empty")
+    searcher = TorchSearch(k=k, device=query.device, query_chunk=query_chunk)
+    sims, idx = searcher.search(query, [(0, bank)])
+    kk = min(k, bank.shape[0])  # TorchSearch pads a small bank's slots with (-inf, -1)
+    return sims[:, :kk], idx[:, :kk]
 
 
 def weighted_values(sims: torch.Tensor, values: torch.Tensor, temperature: float) -> torch.Tensor:
     """y_i = sum_k softmax_k(s_ik / T) v_ik for sims (Nq, k) and neighbour values (Nq, k, C)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    weights = torch.softmax(sims.float() / temperature, dim=1)  # (Nq, k)
-    return torch.einsum("qk,qkc->qc", weights, values.float())  # (Nq, C)
+    out = soft_transfer(sims[:, None, :], values, temperature)  # (Nq, 1, k) x (Nq, k, C)
+    return out[:, 0]  # (Nq, C)
 
 
 def label_transfer(
@@ -66,14 +60,20 @@ def label_transfer(
     k: int = 30,
     temperature: float = 0.07,
 ) -> torch.Tensor:
-    """Soft top-k transfer: y_i = sum_{j in topk_i} softmax_j(cos(q_i, b_j) / T) v_j -> (Nq, C)."""
+    """Soft top-k transfer: y_i = sum_{j in topk_i} softmax_j(cos(q_i, b_j) / T) v_j -> (Nq, C).
+
+    The benchmark's path on a bank of one shard: exact search, then the streamed transfer
+    (:func:`evaluation.search.transfer_from_shards`); the result is on the query's device.
+    """
     if bank_values.shape[0] != bank.shape[0]:
         raise ValueError(
             f"bank has {bank.shape[0]} patches but bank_values has {bank_values.shape[0]} rows"
         )
-    values = bank_values if bank_values.ndim == 2 else bank_values[:, None]
+    check_temperature(temperature)
     sims, idx = exact_topk(query, bank, k)
-    return weighted_values(sims, values[idx], temperature)  # values[idx]: (Nq, k, C)
+    values = bank_values if bank_values.ndim == 2 else bank_values[:, None]
+    out = transfer_from_shards(sims, idx, [(0, values)], values.shape[1], temperature)
+    return out.to(query.device)
 
 
 def patch_histograms(
@@ -81,22 +81,10 @@ def patch_histograms(
 ) -> torch.Tensor:
     """Patch class histogram h_jc = (1/p^2) #{pixels of patch j with label c}; ignore counts as c=0.
 
-    labels (B, H, W) -> (B, H/p, W/p, C); every histogram sums to 1.
+    labels (B, H, W) -> (B, H/p, W/p, C); every histogram sums to 1 (the reference evaluations'
+    rule; :func:`shared.patch_labels.patch_label_histograms` with ``ignore_as=0``).
     """
-    if labels.ndim != 3:
-        raise ValueError(f"labels must be (B, H, W), got {tuple(labels.shape)}")
-    b, height, width = labels.shape
-    if height % patch_size or width % patch_size:
-        raise ValueError(f"label map {height}x{width} is not a whole number of {patch_size}-patches")
-    labels = labels.long()
-    if ignore_index is not None:
-        labels = torch.where(labels == ignore_index, torch.zeros_like(labels), labels)
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"label values must lie in [0, {num_classes}) or be {ignore_index}")
-    h, w = height // patch_size, width // patch_size
-    onehot = F.one_hot(labels, num_classes).float()  # (B, H, W, C)
-    blocks = onehot.view(b, h, patch_size, w, patch_size, num_classes)
-    return blocks.mean(dim=(2, 4))  # (B, h, w, C)
+    return patch_label_histograms(labels, num_classes, patch_size, ignore_index, ignore_as=0)
 
 
 def patch_mean_depth(
@@ -117,36 +105,9 @@ def upsample_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
                          align_corners=False)
 
 
-def confusion_matrix(
-    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = 255
-) -> torch.Tensor:
-    """M[t, p] = #{pixels with true class t predicted as p}, ignored pixels skipped -> (C, C) int64."""
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    target = target.reshape(-1).long()
-    pred = pred.reshape(-1).long()
-    keep = torch.ones_like(target, dtype=torch.bool)
-    if ignore_index is not None:
-        keep = target != ignore_index
-    target, pred = target[keep], pred[keep]
-    if target.numel() and (target.min() < 0 or target.max() >= num_classes):
-        raise ValueError(f"target class {int(target.max())} outside [0, {num_classes})")
-    if pred.numel() and (pred.min() < 0 or pred.max() >= num_classes):
-        raise ValueError(f"predicted class outside [0, {num_classes})")
-    flat = target * num_classes + pred
-    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
-
-
 def _check_square(confusion: torch.Tensor) -> None:
     if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
         raise ValueError(f"confusion must be square (C, C), got {tuple(confusion.shape)}")
-
-
-def pair_iou(confusion: torch.Tensor) -> torch.Tensor:
-    """IoU(t, p) = M[t, p] / (#true t + #predicted p - M[t, p]) for every pair -> (C, C) float64."""
-    conf = confusion.double()
-    union = conf.sum(dim=1, keepdim=True) + conf.sum(dim=0, keepdim=True) - conf  # (C, 1) + (1, C)
-    return torch.where(union > 0, conf / union.clamp(min=1), torch.zeros_like(conf))
 
 
 def hungarian_mapping(confusion: torch.Tensor) -> torch.Tensor:
@@ -174,12 +135,7 @@ def match_classes(confusion: torch.Tensor, matching: str = "identity") -> torch.
 def iou_per_class(confusion: torch.Tensor, matching: str = "identity") -> torch.Tensor:
     """IoU_c = TP / (TP + FP + FN) per class after ``matching``; NaN for a class absent from both
     target and prediction."""
-    conf = match_classes(confusion, matching).double()
-    tp = conf.diagonal()
-    fp = conf.sum(dim=0) - tp  # predicted c, truly another class
-    fn = conf.sum(dim=1) - tp  # truly c, predicted another class
-    denom = tp + fp + fn
-    return torch.where(denom > 0, tp / denom.clamp(min=1), torch.full_like(tp, float("nan")))
+    return class_iou(match_classes(confusion, matching))
 
 
 def miou(confusion: torch.Tensor, matching: str = "identity") -> float:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from shared.devices import default_device
+
 SSD1B_HUB_ID = "segmind/SSD-1B"
 HOOKED_LAYER = "down_blocks[-1].attentions[-1].transformer_blocks[-1].attn1"
 
@@ -56,7 +58,14 @@ def encode_empty_prompt(tokenizers: list, text_encoders: list) -> PromptEmbeddin
 
 
 def add_noise(z0: Tensor, eps: Tensor, alpha_bar: float) -> Tensor:
-    """z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps (forward diffusion at one timestep)."""
+    """z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps (forward diffusion at one timestep).
+
+    The scheduler's own ``add_noise`` computes the same expression, but takes both square roots
+    in the tensors' float32 with torch, whose CPU kernel is not always correctly rounded (on an
+    x86 CPU, sqrt(abar_50) of SDXL's schedule comes out one ulp high): its z_t, hence the
+    segments, would depend on the device. Here the roots are taken in float64 and rounded once, so z_t
+    is the same everywhere.
+    """
     return alpha_bar**0.5 * z0 + (1.0 - alpha_bar) ** 0.5 * eps
 
 
@@ -128,7 +137,7 @@ class DiffCutFeatureExtractor:
         noise_device: str = "cpu",
         antialias: bool = True,
     ):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         self.unet_dtype = unet_dtype or default_unet_dtype(self.device)
         self.vae_dtype = vae_dtype
         self.unet = _to(unet, self.device, self.unet_dtype)
@@ -163,9 +172,7 @@ class DiffCutFeatureExtractor:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        device = torch.device(
-            kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        device = default_device(kwargs.get("device"))
         unet_dtype = kwargs.get("unet_dtype") or default_unet_dtype(device)
         vae_dtype = kwargs.get("vae_dtype", torch.float32)
         try:
@@ -320,3 +327,19 @@ def tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
         "text_encoder": encoder.eval(),
         "text_encoder_2": encoder_2.eval(),
     }
+
+
+def tiny_extractor(weights_seed: int = 0, parts: dict[str, Any] | None = None,
+                   **kwargs: Any) -> DiffCutFeatureExtractor:
+    """DiffCut on a random-init SDXL-structured pipeline: the one builder of the tiny DiffCut.
+
+    ``parts`` (default: ``tiny_sdxl_components(weights_seed)``) are the pipeline's modules; the
+    empty prompt is encoded from its tokenizers and text encoders, and ``kwargs`` go to
+    :class:`DiffCutFeatureExtractor` (resolution, ``seed`` of the noise, device, dtypes, ...).
+    The extractor casts and moves the UNet and VAE it is given, in place.
+    """
+    parts = tiny_sdxl_components(weights_seed) if parts is None else parts
+    prompt = encode_empty_prompt([parts["tokenizer"], parts["tokenizer_2"]],
+                                 [parts["text_encoder"], parts["text_encoder_2"]])
+    return DiffCutFeatureExtractor(parts["unet"], parts["vae"], parts["scheduler"], prompt,
+                                   **kwargs)

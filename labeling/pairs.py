@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shared.devices import default_device
+
 METHODS = ("exact", "ivf")
 _GROUP = 32  # elements per group in the two-stage top-k (a power of two; see _block_topk)
 _MARGIN = 3  # extra float32 candidates per row, for rounding near the k-th similarity
@@ -67,7 +69,7 @@ def nearest_neighbours(
         return np.zeros((0, k), np.int64)
     if method == "ivf":
         return _ivf_neighbours(x, k, nprobe)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device)
     if block is None:
         block = 16384 if dev.type == "cuda" else 4096
     if block < 1:

@@ -1,18 +1,26 @@
-"""Pseudo-label quality against ground truth: unsupervised mIoU after matching classes."""
+"""Pseudo-label quality against ground truth: unsupervised mIoU after matching classes.
+
+NumPy in and out; the confusion matrix and the IoU are shared.confusion's.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
+
+from shared.confusion import class_iou, confusion_matrix, pair_iou
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(array, dtype=np.int64))
 
 
 def confusion(truth: np.ndarray, pred: np.ndarray, num_true: int, num_pred: int,
               ignore_index: int = 255) -> np.ndarray:
     """(num_true, num_pred) pixel counts of true class i labelled as pseudo-class j."""
-    keep = truth.reshape(-1) != ignore_index
-    t = truth.reshape(-1)[keep].astype(np.int64)
-    p = pred.reshape(-1)[keep].astype(np.int64)
-    return np.bincount(t * num_pred + p, minlength=num_true * num_pred).reshape(num_true, num_pred)
+    return confusion_matrix(_tensor(pred), _tensor(truth), num_true, ignore_index,
+                            num_pred).numpy()
 
 
 def confusion_entries(truth: np.ndarray, pred: np.ndarray, ignore_index: int = 255
@@ -42,12 +50,7 @@ def _miou_from_mapping(conf: np.ndarray, mapping: np.ndarray) -> float:
     target = np.where(mapping >= 0, mapping, num_true)
     for j in range(conf.shape[1]):
         mapped[:, target[j]] += conf[:, j]
-    tp = np.diag(mapped[:, :num_true]).astype(np.float64)
-    fp = mapped[:, :num_true].sum(0) - tp
-    fn = mapped.sum(1) - tp
-    denom = tp + fp + fn
-    iou = np.where(denom > 0, tp / np.maximum(denom, 1), np.nan)
-    return float(np.nanmean(iou))
+    return float(torch.nanmean(class_iou(torch.from_numpy(mapped))))
 
 
 def hungarian_miou(conf: np.ndarray) -> float:
@@ -76,8 +79,6 @@ def best_match_ious(truth: np.ndarray, segments: np.ndarray, ignore_index: int =
         raise ValueError(f"ground-truth mask is {truth.shape}, segment map is {segments.shape}")
     conf = confusion(truth, segments, int(truth.max()) + 1, int(segments.max()) + 1,
                      ignore_index)  # (T, S) pixels of region t in segment s
-    region, segment = conf.sum(1), conf.sum(0)  # (T,), (S,)
-    present = region > 0  # the ignore class has no pixels left
-    union = region[:, None] + segment[None, :] - conf  # (T, S)
-    iou = conf / np.maximum(union, 1)
+    present = conf.sum(1) > 0  # the ignore class has no pixels left
+    iou = pair_iou(torch.from_numpy(conf)).numpy()  # (T, S)
     return iou[present].max(axis=1)

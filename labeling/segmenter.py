@@ -37,14 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from labeling.concepts import concept_scores, contiguous_ids, upsample_argmax
-from labeling.config import DIFFCUT_PRESETS
-from labeling.diffcut import (
-    HOOKED_LAYER,
-    SSD1B_HUB_ID,
-    DiffCutFeatureExtractor,
-    encode_empty_prompt,
-    tiny_sdxl_components,
-)
+from labeling.config import DIFFCUT_PRESETS, DiffCutConfig, LabelConfig
+from labeling.diffcut import HOOKED_LAYER, DiffCutFeatureExtractor, tiny_extractor
 from labeling.ncut import NCutWorkspace, batched_recursive_ncut
 from labeling.pamr import (
     DEFAULT_DILATIONS,
@@ -199,15 +193,27 @@ class Segmenter(ABC):
         """What determines the output (name, settings, weights): recorded in a label set's metadata."""
 
 
-# None: the preset's value (DIFFCUT_PRESETS: seed, noise_device, antialias, vae_dtype)
-SEGMENTER_DEFAULTS: dict[str, Any] = {
-    "source": SSD1B_HUB_ID, "variant": None, "resolution": 1024, "timestep": 50, "seed": None,
-    "unet_dtype": None, "vae_dtype": None, "tau": 0.5, "alpha": 10.0, "batch_size": 8,
-    "preset": "project", "noise_device": None, "antialias": None,
-    "use_pamr": False, "pamr_iterations": DEFAULT_ITERATIONS, "pamr_dilations": DEFAULT_DILATIONS,
-    "pamr_size": DEFAULT_SIZE, "max_pixels": None,
-}  # fmt: skip
 _CONFIG_FIELDS = {"model": "source", "pamr": "use_pamr"}  # DiffCutConfig name -> setting name
+
+
+def _segmenter_defaults() -> dict[str, Any]:
+    """DiffCutConfig's defaults under the segmenter's names, then the settings no config holds.
+
+    The fields a preset fills (DIFFCUT_PRESETS: seed, noise_device, antialias, vae_dtype) are
+    None here: the preset in force gives them unless a setting does.
+    """
+    preset_fields = set().union(*DIFFCUT_PRESETS.values())
+    defaults = {_CONFIG_FIELDS.get(name, name): None if name in preset_fields else field.default
+                for name, field in DiffCutConfig.model_fields.items()}
+    return {
+        **defaults, "variant": None, "unet_dtype": None,
+        "batch_size": LabelConfig.model_fields["batch_size"].default,
+        "pamr_iterations": DEFAULT_ITERATIONS, "pamr_dilations": DEFAULT_DILATIONS,
+        "pamr_size": DEFAULT_SIZE, "max_pixels": None,
+    }  # fmt: skip
+
+
+SEGMENTER_DEFAULTS: dict[str, Any] = _segmenter_defaults()
 
 
 def _settings(config: Any, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -257,14 +263,7 @@ class DiffCutSegmenter(Segmenter):
             model = {k: opts[k] for k in ("resolution", "timestep", "seed", "unet_dtype",
                                           "vae_dtype", "noise_device", "antialias")}
             if tiny:
-                parts = tiny_sdxl_components(opts["seed"])
-                prompt = encode_empty_prompt(
-                    [parts["tokenizer"], parts["tokenizer_2"]],
-                    [parts["text_encoder"], parts["text_encoder_2"]],
-                )
-                extractor = DiffCutFeatureExtractor(
-                    parts["unet"], parts["vae"], parts["scheduler"], prompt, device=device, **model
-                )
+                extractor = tiny_extractor(opts["seed"], device=device, **model)
             else:
                 extractor = DiffCutFeatureExtractor.from_pretrained(
                     opts["source"], opts["variant"], device=device, **model

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from shared.images import encode_jpeg, encode_png
+from shared.seeds import derive_seed
 
 CLASS_NAMES = [
     "background",
@@ -229,8 +230,7 @@ def scene_seed(seed: int, split: str, index: int) -> int:
     """Independent per-image seed derived from (dataset seed, split, index)."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
-    sequence = np.random.SeedSequence([seed, SPLITS.index(split), index])
-    return int(sequence.generate_state(1, dtype=np.uint64)[0])
+    return derive_seed(seed, SPLITS.index(split), index)
 
 
 def image_id(index: int) -> str:

@@ -14,15 +14,11 @@ from torch.utils.data import Dataset
 
 from shared.images import load_image, train_geometry
 from shared.labelset import LabelSet
+from shared.seeds import derive_generator
 
 
 class EpisodeError(ValueError):
     """The label set cannot feed training (missing images, too few pairs, batch too small)."""
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed that depends on every key (seed, purpose, epoch, ...)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
 
 
 class PairEpisodes(Dataset):
@@ -147,7 +143,7 @@ class Batched(Dataset):
 
 def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     """The permutation of the pairs used in ``epoch``."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, 1, epoch))
+    gen = derive_generator(seed, 1, epoch)
     return torch.randperm(num_items, generator=gen)
 
 
@@ -217,7 +213,7 @@ def _released_support(batch_size: int, num_distractors: int, generator: torch.Ge
 
 def support_generator(seed: int, epoch: int, step: int, micro: int, rank: int) -> torch.Generator:
     """The generator of the support sets of one micro-batch (independent of any global state)."""
-    return torch.Generator().manual_seed(derive_seed(seed, 2, epoch, step, micro, rank))
+    return derive_generator(seed, 2, epoch, step, micro, rank)
 
 
 class TaskBatches:

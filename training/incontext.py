@@ -7,17 +7,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from shared.patch_labels import patch_grid, patch_label_histograms, pixel_patch_index
+from shared.soft_transfer import check_temperature, soft_transfer
+
 LOSS_KINDS = ("released", "nll")
-
-
-def _check_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
-    if patch_size <= 0:
-        raise ValueError(f"patch_size must be positive, got {patch_size}")
-    if height % patch_size or width % patch_size:
-        raise ValueError(
-            f"label map {height}x{width} is not a whole number of {patch_size}x{patch_size} patches"
-        )
-    return height // patch_size, width // patch_size
 
 
 def patchify_labels(
@@ -34,29 +27,9 @@ def patchify_labels(
     order. ``check_values=False`` skips the label range check, which waits for the device; only for
     callers that checked the labels on the host before moving them.
     """
-    if labels.ndim != 3:
-        raise ValueError(f"labels must be (B,H,W), got shape {tuple(labels.shape)}")
-    b, height, width = labels.shape
-    h, w = _check_grid(height, width, patch_size)
-    labels = labels.long()
-    valid = torch.ones_like(labels, dtype=torch.bool)
-    if ignore_index is not None:
-        valid = labels != ignore_index
-    if check_values and (bad := valid & ((labels < 0) | (labels >= num_classes))).any():
-        value = int(labels[bad][0])
-        raise ValueError(f"label {value} outside [0, {num_classes}) and not the ignore index {ignore_index}")
-    rows = torch.arange(height, device=labels.device) // patch_size  # (H,)
-    cols = torch.arange(width, device=labels.device) // patch_size  # (W,)
-    patch = (rows[:, None] * w + cols[None, :]).expand(b, height, width)  # (B,H,W) patch index
-    flat = (patch * num_classes + labels.clamp(0, num_classes - 1)).reshape(b, -1)  # (B,H*W)
-    counts = torch.zeros(b, h * w * num_classes, device=labels.device, dtype=torch.float32)
-    counts.scatter_add_(1, flat, valid.reshape(b, -1).float())
-    return counts.view(b, h * w, num_classes) / float(patch_size * patch_size)
-
-
-def _check_temperature(temperature: float) -> None:
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    hist = patch_label_histograms(labels, num_classes, patch_size, ignore_index,
+                                  check_values=check_values)  # (B, H/p, W/p, C)
+    return hist.flatten(1, 2)  # (B, (H/p)*(W/p), C)
 
 
 def soft_nn_predict(
@@ -66,12 +39,13 @@ def soft_nn_predict(
     temperature: float,
 ) -> torch.Tensor:
     """Soft nearest-neighbour transfer (Eq. 1-2): y_i = sum_j softmax_j(cos(q_i, k_j) / T) v_j."""
-    _check_temperature(temperature)
+    check_temperature(temperature)
     if keys.shape[:2] != values.shape[:2]:
         raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} disagree on (B,Ns)")
     q = F.normalize(query, dim=-1)  # (B,Nq,D)
     k = F.normalize(keys, dim=-1)  # (B,Ns,D)
-    return _transfer(q, k, values, temperature)
+    sim = q @ k.transpose(1, 2)  # (B,Nq,D) x (B,D,Ns) -> (B,Nq,Ns)
+    return soft_transfer(sim, values, temperature)  # (B,Nq,C)
 
 
 def soft_nn_predict_indexed(
@@ -88,7 +62,7 @@ def soft_nn_predict_indexed(
     support_keys[support_index].flatten(1, 2), support_values[support_index].flatten(1, 2), T)``,
     but each support image is normalised once, not once per task that uses it.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     if support_keys.shape[:2] != support_values.shape[:2]:
         raise ValueError(f"support keys {tuple(support_keys.shape)} and values "
                          f"{tuple(support_values.shape)} disagree on (M,Ns)")
@@ -101,23 +75,8 @@ def soft_nn_predict_indexed(
         k = k.to(torch.get_autocast_dtype(device))
     keys = k[support_index].reshape(b, s * k.shape[1], -1)  # (B,S,Ns,D) -> (B,S*Ns,D)
     values = support_values[support_index].reshape(b, s * k.shape[1], -1)  # (B,S*Ns,C)
-    return _transfer(q, keys, values, temperature)
-
-
-def _transfer(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, temperature: float):
-    """softmax(q k^T / T) v for L2-normalised q (B,Nq,D) and k (B,Ns,D), v (B,Ns,C) -> (B,Nq,C)."""
-    sim = q @ k.transpose(1, 2)  # (B,Nq,D) x (B,D,Ns) -> (B,Nq,Ns)
-    dtype = torch.promote_types(sim.dtype, torch.float32)  # the softmax of sim/T needs fp32 range
-    attn = torch.softmax(sim.to(dtype) / temperature, dim=-1)  # (B,Nq,Ns)
-    return attn @ values.to(dtype)  # (B,Nq,Ns) x (B,Ns,C) -> (B,Nq,C)
-
-
-def _pixel_patch_index(height: int, width: int, patch_size: int, device) -> torch.Tensor:
-    """Index of the patch each pixel takes its value from under nearest upsampling by p."""
-    _, w = _check_grid(height, width, patch_size)
-    rows = torch.arange(height, device=device) // patch_size
-    cols = torch.arange(width, device=device) // patch_size
-    return (rows[:, None] * w + cols[None, :]).reshape(-1)  # (H*W,)
+    sim = q @ keys.transpose(1, 2)  # (B,Nq,D) x (B,D,S*Ns) -> (B,Nq,S*Ns)
+    return soft_transfer(sim, values, temperature)  # (B,Nq,C)
 
 
 def incontext_loss(
@@ -142,7 +101,7 @@ def incontext_loss(
         raise ValueError(f"pred (B,Nq,C) {tuple(pred.shape)} and labels (B,H,W) {tuple(labels.shape)} disagree")
     b, nq, num_classes = pred.shape
     height, width = labels.shape[1:]
-    h, w = _check_grid(height, width, patch_size)
+    h, w = patch_grid(height, width, patch_size)
     if nq != h * w:
         raise ValueError(f"pred has {nq} patches but a {height}x{width} label map has {h}x{w}")
     labels = labels.long().reshape(b, -1)  # (B,H*W)
@@ -154,7 +113,7 @@ def incontext_loss(
     pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
     # (score of each patch per class), gathered per pixel instead of materialising (B,C,H,W)
     scores = pred.log_softmax(dim=-1) if kind == "released" else torch.log(pred + 1e-8)  # (B,Nq,C)
-    patch = _pixel_patch_index(height, width, patch_size, pred.device).expand(b, -1)  # (B,H*W)
+    patch = pixel_patch_index(height, width, patch_size, pred.device).expand(b, -1)  # (B,H*W)
     flat = patch * num_classes + labels.clamp(0, num_classes - 1)  # (B,H*W)
     picked = scores.reshape(b, -1).gather(1, flat)  # (B,H*W) score of the pixel's label
     return -(picked * valid).sum() / valid.sum()

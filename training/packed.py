@@ -35,8 +35,9 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from shared import storage
+from shared.seeds import derive_generator
 from shared.storage_policy import call
-from training.episodes import PairEpisodes, crop_item, derive_seed
+from training.episodes import PairEpisodes, crop_item
 
 FORMAT_VERSION = 1
 PARTS = ("images", "labels")
@@ -322,7 +323,7 @@ def window_order(item_shard: np.ndarray, num_shards: int, seed: int, epoch: int,
     of different windows never do. A query's own pairs share its shard, so they meet in a batch
     that much more often (ViT-S defaults, 5 pairs per image: about 2% instead of 0.07% on COCO).
     """
-    gen = torch.Generator().manual_seed(derive_seed(seed, 3, epoch))
+    gen = derive_generator(seed, 3, epoch)
     shard_order = torch.randperm(num_shards, generator=gen).tolist()
     grouped = torch.from_numpy(np.argsort(item_shard, kind="stable"))  # items by shard
     starts = np.concatenate([[0], np.cumsum(np.bincount(item_shard, minlength=num_shards))])

@@ -17,6 +17,7 @@ from labeling.diffcut import (
     DiffCutFeatureExtractor,
     add_noise,
     encode_empty_prompt,
+    tiny_extractor,
     tiny_sdxl_components,
 )
 from labeling.ncut import batched_recursive_ncut
@@ -44,12 +45,7 @@ def parts():
 
 @pytest.fixture(scope="module")
 def extractor(parts):
-    prompt = encode_empty_prompt(
-        [parts["tokenizer"], parts["tokenizer_2"]], [parts["text_encoder"], parts["text_encoder_2"]]
-    )
-    return DiffCutFeatureExtractor(
-        parts["unet"], parts["vae"], parts["scheduler"], prompt, resolution=RESOLUTION, device="cpu"
-    )
+    return tiny_extractor(parts=parts, resolution=RESOLUTION, device="cpu")
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
@@ -393,10 +389,7 @@ def test_the_resize_on_a_gpu_matches_the_cpu():
 
 @pytest.mark.gpu
 def test_segment_tensors_on_a_gpu_stay_there_and_agree_with_the_host_path(parts):
-    prompt = encode_empty_prompt([parts["tokenizer"], parts["tokenizer_2"]],
-                                 [parts["text_encoder"], parts["text_encoder_2"]])  # fmt: skip
-    ex = DiffCutFeatureExtractor(parts["unet"], parts["vae"], parts["scheduler"], prompt,
-                                 resolution=RESOLUTION, device="cuda")  # fmt: skip
+    ex = tiny_extractor(parts=parts, resolution=RESOLUTION, device="cuda")
     seg = DiffCutSegmenter(extractor=ex, batch_size=3, tau=0.95, alpha=4.0)
     images = varied_images()
     maps = seg.segment_tensors(images)

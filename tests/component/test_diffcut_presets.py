@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from labeling import segmenter as segmenter_module
 from labeling.config import LabelConfig
-from labeling.diffcut import DiffCutFeatureExtractor, encode_empty_prompt, tiny_sdxl_components
+from labeling.diffcut import DiffCutFeatureExtractor, tiny_extractor, tiny_sdxl_components
 from labeling.segmenter import DiffCutSegmenter
 from labeling.stages import build_segmenter
 
@@ -26,10 +26,8 @@ def parts():
 
 def extractor(parts, **kwargs) -> DiffCutFeatureExtractor:
     """An extractor on a copy of the VAE: the extractor casts the modules it is given in place."""
-    prompt = encode_empty_prompt([parts["tokenizer"], parts["tokenizer_2"]],
-                                 [parts["text_encoder"], parts["text_encoder_2"]])  # fmt: skip
-    return DiffCutFeatureExtractor(parts["unet"], copy.deepcopy(parts["vae"]), parts["scheduler"],
-                                   prompt, resolution=RESOLUTION, **kwargs)  # fmt: skip
+    return tiny_extractor(parts={**parts, "vae": copy.deepcopy(parts["vae"])},
+                          resolution=RESOLUTION, **kwargs)
 
 
 def images(n: int, side: int, seed: int = 0) -> torch.Tensor:

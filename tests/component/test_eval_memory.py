@@ -125,3 +125,24 @@ def test_shard_content_does_not_depend_on_loader_threads(setup):
     one = build_shard(spec, [0, 3, 4], backbone, dataset, torch.device("cpu"), threads=1)
     three = build_shard(spec, [0, 3, 4], backbone, dataset, torch.device("cpu"), threads=3)
     assert all(np.array_equal(a, b) for a, b in zip(one, three, strict=True))
+
+
+def test_a_shard_finished_under_another_fingerprint_is_rebuilt(setup):
+    root, data, backbone, weights = setup
+    spec, cfg = _spec(data, backbone, weights)
+    uri = str(root / "foreign")
+    reference = build_memory_bank(spec, uri, cfg, log=lambda m: None).load_all()
+    storage.remove(storage.join(uri, "bank.json"))
+    # shard 1 as another bank left it: its own marker and fingerprint, other features
+    shard = shard_uris(uri, 1)
+    marker = storage.read_json(shard["marker"])
+    assert marker["fingerprint"] == spec.fingerprint()
+    storage.write_json(shard["marker"], {**marker, "fingerprint": {**marker["fingerprint"],
+                                                                   "seed": spec.seed + 1}})
+    stale = np.load(shard["features"])
+    np.save(shard["features"], np.zeros_like(stale), allow_pickle=False)
+    logs = []
+    again = build_memory_bank(spec, uri, cfg, log=logs.append)
+    assert "1 shards built" in logs[0]
+    assert storage.read_json(shard["marker"])["fingerprint"] == spec.fingerprint()
+    assert all(torch.equal(x, y) for x, y in zip(again.load_all(), reference, strict=True))

@@ -126,11 +126,33 @@ def test_textures_hand_values():
     assert wave.min() >= 0.0 and wave.max() <= 1.0 and wave.mean() == pytest.approx(0.5, abs=0.01)
 
 
+def test_value_noise_interpolates_its_lattice_by_smoothstep():
+    # cell 1/2: every pixel centre lies on a lattice point, which it reproduces exactly
+    lattice = np.random.default_rng(3).random((2 * 5 + 1, 2 * 7 + 1, 2), dtype=np.float32)
+    on_points = value_noise(np.random.default_rng(3), 5, 7, cell=0.5, channels=2)
+    np.testing.assert_array_equal(on_points, lattice[1::2, 1::2][:5, :7])
+    # cell 1: every pixel centre is the middle of a lattice square, smoothstep(1/2) = 1/2
+    lattice = np.random.default_rng(4).random((6, 8, 1), dtype=np.float32)
+    middle = value_noise(np.random.default_rng(4), 5, 7, cell=1.0)
+    corners = (lattice[:-1, :-1] + lattice[1:, :-1] + lattice[:-1, 1:] + lattice[1:, 1:]) / 4
+    np.testing.assert_allclose(middle, corners, atol=1e-6)
+    # cell 2: centres a quarter into a square, weight smoothstep(1/4) = 5/32 (linear: 8/32)
+    lattice = np.random.default_rng(5).random((4, 5, 1), dtype=np.float32)  # ceil(6/2)+1, ceil(8/2)+1
+    quarter = value_noise(np.random.default_rng(5), 6, 8, cell=2.0)
+    w = np.array([5 / 32, 27 / 32] * 4, np.float32)  # row / column i: weight of the next point
+    i = np.arange(8) // 2
+    expected = ((1 - w[:6, None]) * ((1 - w[None]) * lattice[i[:6]][:, i, 0]
+                                     + w[None] * lattice[i[:6]][:, i + 1, 0])
+                + w[:6, None] * ((1 - w[None]) * lattice[i[:6] + 1][:, i, 0]
+                                 + w[None] * lattice[i[:6] + 1][:, i + 1, 0]))
+    np.testing.assert_allclose(quarter[..., 0], expected, atol=1e-6)
+
+
 def test_value_noise_is_smooth_and_bounded():
     rng = np.random.default_rng(0)
     field = value_noise(rng, 64, 80, cell=16.0, channels=2)
     assert field.shape == (64, 80, 2) and field.dtype == np.float32
-    assert field.min() >= 0.0 and field.max() <= 1.0
+    assert field.min() >= 0.0 and field.max() <= 1.0  # convex weights of uniform values
     # neighbours on a 16-pixel lattice differ far less than independent uniforms (mean 1/3)
     assert np.abs(np.diff(field, axis=1)).mean() < 0.05
     again = value_noise(np.random.default_rng(0), 64, 80, cell=16.0, channels=2)
