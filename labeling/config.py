@@ -65,7 +65,9 @@ class LabelConfig(Config):
     segmenter: str = "diffcut"
     diffcut: DiffCutConfig = Field(default_factory=DiffCutConfig)
     felzenszwalb: FelzenszwalbConfig = Field(default_factory=FelzenszwalbConfig)
-    feature_size: int = Field(448, ge=14)  # DINOv2R input: a 32x32 patch grid at /14
+    # encoder input side; None: the backbone's label_input_size, a 32 x 32 patch grid (448 px
+    # at /14, 512 at /16), the grid of DiffCut's tokens. Resolved when the config is read.
+    feature_size: int | None = Field(None, ge=14)
     classes: int = Field(1000, ge=2)  # K of K-means
     kmeans_max_images: int = Field(200_000, ge=1)  # above this, K-means on a random subset
     kmeans_niter: int = Field(25, ge=1)
@@ -88,10 +90,38 @@ class LabelConfig(Config):
     synthetic_size: int = Field(128, ge=32)
     seed: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_feature_size(cls, data: Any) -> Any:
+        """A feature_size the input leaves out (or null) takes the backbone's label_input_size."""
+        if not isinstance(data, dict) or data.get("feature_size") is not None:
+            return data
+        from shared.backbones import BACKBONES
+
+        spec = BACKBONES.get(data.get("backbone", cls.model_fields["backbone"].default))
+        if spec is None:  # an unknown backbone: the check below names it
+            return data
+        return {**data, "feature_size": spec.label_input_size}
+
+    @model_validator(mode="after")
+    def _check_backbone(self) -> LabelConfig:
+        from shared.backbones import BACKBONES
+
+        spec = BACKBONES.get(self.backbone)
+        if spec is None:
+            raise ValueError(f"backbone: unknown backbone {self.backbone!r}; known: "
+                             f"{', '.join(sorted(BACKBONES))}")
+        if self.feature_size % spec.patch_size:  # set: the backbone is known (see above)
+            raise ValueError(f"feature_size: {self.feature_size} is not a multiple of "
+                             f"{self.backbone}'s patch size {spec.patch_size}")
+        return self
+
 
 # Settings that change how a run executes, never what it writes.
 OPERATIONAL_FIELDS = frozenset({"out", "batch_size", "actors", "gpus_per_actor", "cpus_per_actor",
                                 "actor_resources", "decode_threads", "lease_timeout"})
+# The settings of each built-in segmenter: only the configured one's reach the identities.
+SEGMENTER_SETTINGS = {"diffcut": "diffcut", "felzenszwalb": "felzenszwalb"}
 # Settings read by one stage only (and so by the stages after it); every other setting belongs to
 # the first stage, the segments. A new setting is thereby in every stage's identity until it is
 # placed here.
@@ -103,20 +133,28 @@ STAGE_FIELDS: dict[str, frozenset[str]] = {
 }
 
 
-def stage_identities(cfg: LabelConfig, listing_sha256: str, num_images: int
-                     ) -> dict[str, dict[str, Any]]:
+def stage_identities(cfg: LabelConfig, listing_sha256: str, num_images: int,
+                     weights: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What each stage's output depends on: its own settings plus the identity of the stage
-    before it (segments -> centroids -> labels -> pairs); operational settings are left out."""
-    config = cfg.model_dump(mode="json", exclude=set(OPERATIONAL_FIELDS))
+    before it (segments -> centroids -> labels -> pairs); operational settings, and those of
+    the segmenters not in use, are left out.
+
+    ``weights``: the content identities of the models' weights (``labeling.weights.
+    model_weights``), part of the segments stage and so of every stage after it: new weights
+    under an old file name redo the work.
+    """
+    unused = {v for k, v in SEGMENTER_SETTINGS.items() if k != cfg.segmenter}
+    config = cfg.model_dump(mode="json", exclude=set(OPERATIONAL_FIELDS) | unused)
     later = set().union(*STAGE_FIELDS.values())
     out: dict[str, dict[str, Any]] = {}
     previous: dict[str, Any] = {"listing_sha256": listing_sha256, "num_images": num_images}
     for stage, fields in STAGE_FIELDS.items():
         if stage == "segments":
             own = {k: v for k, v in config.items() if k not in later}
+            identity = {"config": own, "weights": weights, "after": previous}
         else:
             own = {k: v for k, v in config.items() if k in fields}
-        identity = {"config": own, "after": previous}
+            identity = {"config": own, "after": previous}
         out[stage] = identity
         text = json.dumps(identity, sort_keys=True)
         previous = {"stage": stage, "sha256": hashlib.sha256(text.encode()).hexdigest()}

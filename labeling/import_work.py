@@ -20,10 +20,10 @@ from labeling.pairs import select_pairs
 from labeling.stages import (
     Failure,
     ShardEnvironmentError,
-    raise_if_systemic,
     chunks,
     isolate,
     prefetch,
+    raise_if_systemic,
     read_image,
 )
 from shared import storage

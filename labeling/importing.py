@@ -86,7 +86,7 @@ class ImportConfig(Config):
     backbone: str = "vits14"  # encoder of the computed pairs
     weights: str | None = "hub"
     tiny: bool = False
-    feature_size: int = Field(448, ge=14)
+    feature_size: int | None = Field(None, ge=14)  # None: the backbone's label_input_size
     neighbours: int = Field(5, ge=1)
     pair_search: Literal["exact", "ivf"] = "exact"
     min_area: float = Field(0.05, ge=0, lt=1)
@@ -103,6 +103,10 @@ class ImportConfig(Config):
             raise ValueError(f"give exactly one of maps, masks, dataset (got {given or 'none'})")
         if not self.images:
             raise ValueError("images: the image folder (or, with dataset, its root) is required")
+        if self.feature_size is None:  # 448 at /14, 512 at /16: a 32 x 32 grid, as labeling
+            from shared.backbones import get_spec
+
+            self.feature_size = get_spec(self.backbone).label_input_size
         if self.view_crop > self.view_resize:
             raise ValueError(f"view_crop ({self.view_crop}) must not exceed view_resize "
                              f"({self.view_resize})")
@@ -202,9 +206,9 @@ def _check_some_imported(writer: LabelSetWriter) -> None:
 def _write_pairs(writer: LabelSetWriter, cfg: ImportConfig, pairs) -> None:
     """The pairs table: from the pairs file, or computed as the labeling service does."""
     if pairs is None:
-        import torch
+        from shared.devices import default_device
 
-        aggregate.pair(writer, cfg, "cuda" if torch.cuda.is_available() else None)
+        aggregate.pair(writer, cfg, default_device())
         return
     ok_ids = _ok_ids(writer)
     img, cls, area = _class_columns(writer, ok_ids)

@@ -23,9 +23,12 @@ import pyarrow as pa
 from labeling import aggregate, stages
 from labeling.config import LabelConfig, stage_identities
 from labeling.listing import list_images
+from labeling.weights import model_weights
 from shared import storage
+from shared.devices import default_device
 from shared.labelset import LabelSetError, LabelSetWriter, is_labelset
 from shared.lease import LEASE_FILE, Lease
+from shared.ray_init import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +38,17 @@ SYNTHETIC = "_synthetic"
 
 
 class SegmentActor:
-    """Ray Data actor: loads the segmenter and encoder once, then segments and commits shards."""
+    """Ray Data actor: loads the segmenter and encoder once, then segments and commits shards.
+
+    Every shard it commits records the identity of the segmenter that made it (its marker's
+    provenance; ``labelset.json`` gathers them)."""
 
     def __init__(self, cfg_json: str, fingerprint: dict, lease_id: str):
         self.cfg = LabelConfig.model_validate_json(cfg_json)
         self.models = stages.LabelingModels.load(self.cfg)
-        self.writer = LabelSetWriter(self.cfg.out, fingerprint, lease_id, check=False)
+        made_by = {"segmenter": self.models.segmenter.identity()}
+        self.writer = LabelSetWriter(self.cfg.out, fingerprint, lease_id, check=False,
+                                     provenance=made_by)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return _shard_summaries([
@@ -106,11 +114,9 @@ def _raise_failure(done: pa.Table) -> None:
 
 def _stage_task(name: str, cfg_json: str, fingerprint: dict, lease_id: str) -> Any:
     """A whole-dataset stage (``aggregate.cluster`` / ``aggregate.pair``) inside a Ray task."""
-    import torch
-
     cfg = LabelConfig.model_validate_json(cfg_json)
     writer = LabelSetWriter(cfg.out, fingerprint, lease_id, check=False)
-    device = "cuda" if torch.cuda.is_available() else None
+    device = default_device().type
     return getattr(aggregate, name)(writer, cfg, device)
 
 
@@ -173,8 +179,9 @@ class LabelingRun:
             raise FileNotFoundError(f"no images (jpg/png/webp/bmp/tif) found under {root}")
         self.images_root = root
         self.num_shards = -(-self.listing.num_rows // cfg.shard_size)
+        self.weights = model_weights(cfg)  # by content: new weights under an old name count
         self.identities = stage_identities(cfg, listing_digest(self.listing),
-                                           self.listing.num_rows)
+                                           self.listing.num_rows, self.weights)
         try:
             self.lease = Lease(cfg.out, cfg.lease_timeout).acquire()
         except storage.StorageError as exc:
@@ -242,7 +249,9 @@ class LabelingRun:
             counts["quality"] = quality
         meta = {
             "config": json.loads(self.cfg.model_dump_json()),
-            "backbone": self.cfg.backbone, "segmenter": self.cfg.segmenter,
+            "backbone": self.cfg.backbone, "backbone_weights": self.weights["backbone"],
+            "segmenter": self.cfg.segmenter, "segmenter_weights": self.weights["segmenter"],
+            "segmenter_identity": segmenter_identity(self.writer),
             "num_classes": self.cfg.classes, "images_uri": self.images_root, "counts": counts,
             "stage_identities": self.identities,
         }
@@ -275,6 +284,26 @@ class LabelingRun:
         out = fn()
         self.timings[name] = round(time.perf_counter() - t0, 3)
         return out
+
+
+def segmenter_identity(writer: LabelSetWriter) -> dict | list[dict] | None:
+    """The identity of the segmenter that made the segments, from the shards' markers.
+
+    One dict when every shard agrees (the rule: the segments stage's identity fixes the
+    settings); if a resumed run's segmenter differed from the first run's in something its
+    settings do not name (a library version), each identity with the shards it made, and a
+    warning. None for shards committed without a recorded identity.
+    """
+    made: dict[str, list[int]] = {}
+    for marker in writer.markers("segments"):
+        identity = marker.get("provenance", {}).get("segmenter")
+        if identity is not None:
+            made.setdefault(json.dumps(identity, sort_keys=True), []).append(marker["shard"])
+    if len(made) <= 1:
+        return json.loads(next(iter(made))) if made else None
+    log.warning("%s: the segments were made by %d different segmenters (see "
+                "segmenter_identity in labelset.json)", writer.uri, len(made))
+    return [{"identity": json.loads(k), "shards": v} for k, v in sorted(made.items())]
 
 
 def segment_jobs(listing: pa.Table, shard_size: int, shards: list[int]) -> list[pa.Table]:
@@ -344,12 +373,9 @@ def _map_shards(jobs: list[pa.Table], actor: type, args: tuple, cfg: LabelConfig
 def run_labeling(cfg: LabelConfig, address: str | None = None, progress: bool = True,
                  resume: bool = True) -> dict:
     """Run (or resume) every stage of a labeling job; returns the summary."""
-    import ray
-
     run = LabelingRun(cfg, progress, resume)  # input and output checks before any model is loaded
     try:
-        if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        ensure_ray(address)
         for name in ("segment", "cluster", "label", "pair"):
             run.timed(name, getattr(run, name))
         counts = run.timed("finish", run.finish)

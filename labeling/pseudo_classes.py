@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shared.images import resize_labels
+
 
 def segment_coverage(segments: torch.Tensor, num_segments: int, grid: tuple[int, int]) -> torch.Tensor:
     """Fraction of each patch of a ``grid`` covered by each segment: (S, gh, gw), sums to 1 per patch.
@@ -105,12 +107,15 @@ def pseudo_label_map(
     """Per-pixel pseudo-class map (H, W): nearest centroid per patch, majority vote per segment.
 
     patch_features: (gh, gw, D) on the whole resized image; segments: (H, W) ids 0..S-1.
-    A pixel carries the class of the patch it falls in (nearest-neighbour upsampling).
+    A pixel carries the class of the patch its centre falls in (nearest-neighbour upsampling;
+    a class is never blended with its neighbours).
     """
     gh, gw, dim = patch_features.shape
     num_segments = int(segments.max()) + 1
-    patch_cls = assign_nearest(patch_features.reshape(-1, dim), centroids).view(1, 1, gh, gw)
-    pixel_cls = F.interpolate(patch_cls.float(), size=segments.shape, mode="nearest")[0, 0].long()
+    patch_cls = assign_nearest(patch_features.reshape(-1, dim), centroids).view(gh, gw)
+    # the patch each pixel's centre falls in, in exact integer arithmetic (the image was resized
+    # to the grid with half-pixel centres); F.interpolate's "nearest" would shift it half a pixel
+    pixel_cls = resize_labels(patch_cls, tuple(segments.shape))  # (H, W)
     seg_cls = majority_vote(segments, pixel_cls, num_segments, centroids.shape[0])  # (S,)
     return seg_cls[segments.long()]
 

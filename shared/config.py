@@ -28,10 +28,6 @@ class Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
-    def to_yaml(self) -> str:
-        """The resolved config as YAML text (JSON-compatible values only)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """Turn ``["a.b=1", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML scalars/lists."""

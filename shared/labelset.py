@@ -45,6 +45,7 @@ from shared.labelset_format import (
     to_uint16,
 )
 from shared.labelset_reader import LabelSet
+from shared.markers import MarkedUnit
 
 __all__ = ["FORMAT_VERSION", "MAP_KINDS", "SCHEMAS", "LabelSet", "LabelSetError", "LabelSetWriter",
            "ShardWriter", "is_labelset"]
@@ -64,16 +65,15 @@ class ShardWriter:
 
     def __init__(self, parent: LabelSetWriter, stage: str, shard: int):
         self._parent, self.stage, self.shard = parent, stage, shard
-        self.files: list[str] = []
         self.rows: dict[str, int] = {}
         self.counts: dict[str, int] = {}
         self._where = f"{parent.uri} stage {stage!r} shard {shard}"
+        # the shard's files and its done-marker (shared/markers.py: files first, marker last)
+        self._unit = MarkedUnit(parent.uri, marker_path(stage, shard), self._where, LabelSetError)
+        self.files = self._unit.files  # paths relative to the set, in the order written
 
     def _claim(self, rel: str) -> str:
-        if rel in self.files:
-            raise LabelSetError(f"{self._where}: {rel} was already written in this shard")
-        self.files.append(rel)
-        return storage.join(self._parent.uri, rel)
+        return self._unit.claim(rel)
 
     def write_table(self, name: str, table: pa.Table) -> None:
         """Write this shard's part of table ``name`` (images, segments, globals, classes, ...)."""
@@ -115,30 +115,29 @@ class ShardWriter:
     def _commit(self) -> None:
         self._parent.check_lease()
         marker = {"format_version": FORMAT_VERSION, "stage": self.stage, "shard": self.shard,
-                  "files": sorted(self.files), "rows": dict(sorted(self.rows.items())),
+                  "rows": dict(sorted(self.rows.items())),
                   "counts": dict(sorted(self.counts.items()))}
-        storage.write_json(storage.join(self._parent.uri, marker_path(self.stage, self.shard)),
-                           marker)
+        if self._parent.provenance is not None:
+            marker["provenance"] = self._parent.provenance
+        self._unit.commit(**marker)  # lists the files, sorted
 
     def _discard(self) -> None:
-        # The marker first: its put may have landed even though the call raised. A file that
-        # cannot be removed now is harmless: without a marker nothing reads it, and a retry of
-        # the shard overwrites it. The caller sees the original exception.
-        for rel in [marker_path(self.stage, self.shard), *self.files]:
-            with contextlib.suppress(Exception):
-                storage.remove(storage.join(self._parent.uri, rel))
+        self._unit.discard()  # the marker first, then the files; the caller sees the exception
 
 
 class LabelSetWriter:
     """Writes a label set shard by shard; resumable; refuses a set made by another config."""
 
     def __init__(self, uri: str, fingerprint: dict, lease_id: str | None = None,
-                 check: bool = True):
+                 check: bool = True, provenance: dict | None = None):
         """Open (or start) the set at ``uri``. ``lease_id``: the run holding the output lease
         (shared/lease.py), checked before every commit. ``check=False`` attaches a worker to a
-        set its driver has already opened and checked."""
+        set its driver has already opened and checked. ``provenance`` (plain JSON data, e.g.
+        the identity of the models that made the output) is recorded in every shard marker
+        this writer commits."""
         self.uri = str(uri).rstrip("/")
         self.fingerprint = canonical(fingerprint, self.uri)
+        self.provenance = None if provenance is None else canonical(provenance, self.uri)
         self.lease_id = lease_id
         if not check:
             return
@@ -272,8 +271,6 @@ class LabelSetWriter:
                         if table_path(name, m["shard"]) in m["files"])
         uris = [self._path(table_path(name, s)) for s in shards]
         return concat(name, [storage.read_parquet(u) for u in uris], self.uri)
-
-    read_stage_table = read_table
 
     def read_shard_table(self, name: str, shard: int, columns: list[str] | None = None
                          ) -> pa.Table:

@@ -12,8 +12,9 @@ are the only code that knows the layout. Under the label set URI (any fsspec URI
     tables/<name>.parquet               global tables: centroids, pairs
     maps/<kind>/shard-00000.parquet     per-image maps of a shard, kind "segments" | "labels":
                                         columns image_id, png (lossless 16-bit greyscale PNG bytes)
-    done/<stage>/shard-00000.json       a stage's commit marker for a shard, listing its files
-                                        and the row count of each table it wrote
+    done/<stage>/shard-00000.json       a stage's commit marker for a shard, listing its files,
+                                        the row count of each table it wrote and (optionally)
+                                        the provenance of its writer (e.g. the segmenter's identity)
 
 A shard's output counts only once its done-marker exists, and the marker is written after all
 of its files. An exception inside ``writer.shard(...)`` removes every file written for it; a

@@ -1,16 +1,15 @@
 """The DIP training loop: optimizer and schedule, gradient accumulation, checkpoints with exact
-resume, metrics, and the final export of the encoder. No Ray here: a distributed caller
-initialises torch.distributed and passes a :class:`Runtime`.
+resume (``training/checkpoints.py``), metrics, and the final export of the encoder. No Ray here:
+a distributed caller initialises torch.distributed and passes a :class:`Runtime`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
+import csv
 import logging
 import math
 import os
-import re
 import time
 import warnings
 from collections.abc import Callable
@@ -25,13 +24,20 @@ from tqdm import tqdm
 from shared import storage
 from shared.backbones import get_spec, save_backbone
 from shared.config import ConfigError, save_config
+from shared.hub_export import HUB_FOLDER, save_hub_export
+from shared.seeds import derive_seed
+from training.checkpoints import (
+    check_identity,
+    resume_point,
+    run_identity,
+    save_checkpoint,
+)
 from training.config import TrainConfig
 from training.episodes import (
     Batched,
     PairEpisodes,
     TaskBatches,
     check_task_batch,
-    derive_seed,
     sample_support,
     steps_per_epoch,
     support_generator,
@@ -48,26 +54,9 @@ from training.model import (
     task_loss,
 )
 from training.packed import PackedEpisodes, packed_episodes
+from training.plots import write_loss_plot
 
 log = logging.getLogger(__name__)
-
-# checkpoint keys that must agree with the config of a run resuming from it
-IDENTITY_KEYS = ("backbone", "tiny", "trainable_blocks", "head_hidden_mult", "head_dim", "seed",
-                 "batch_size", "epochs", "base_lr", "weight_decay", "resize", "crop",
-                 "input", "packed_shard_size", "packed_window",  # these three set the order
-                 "distractors", "head_norm_eps")
-# the value an identity key had in checkpoints written before it was recorded, where that is
-# not today's default (the head's LayerNorm used torch's default eps then)
-LEGACY_IDENTITY = {"head_norm_eps": 1e-5}
-# what a checkpoint holds, and the type of each entry
-CHECKPOINT_ENTRIES = {"step": int, "epoch": int, "model": dict, "optimizer": dict,
-                      "scheduler": dict, "rng": torch.Tensor, "identity": dict}
-CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be loaded (truncated, corrupt, not a checkpoint); names the file."""
-
 
 @dataclass
 class Runtime:
@@ -123,132 +112,20 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints and metrics
+# metrics
 
 
-def checkpoint_dir(out: str) -> str:
-    return storage.join(out, "checkpoints")
-
-
-def checkpoint_step(uri: str) -> int | None:
-    """The step number in a checkpoint's name (step_00000042.pt -> 42), None for other names."""
-    match = CHECKPOINT_NAME.fullmatch(uri.rsplit("/", 1)[-1])
-    return int(match.group(1)) if match else None
-
-
-def list_checkpoints(out: str) -> list[str]:
-    """URIs of the checkpoints under ``out``, oldest step first."""
-    found = [u for u in storage.ls(checkpoint_dir(out)) if checkpoint_step(u) is not None]
-    return sorted(found, key=checkpoint_step)
-
-
-def latest_checkpoint(out: str) -> str | None:
-    """URI of the newest checkpoint under ``out`` (writes are atomic), or None."""
-    return (list_checkpoints(out) or [None])[-1]
-
-
-def save_checkpoint(out: str, state: dict, keep: int) -> str:
-    """torch.save ``state`` atomically to out/checkpoints/step_XXXXXXXX.pt; keep the last ``keep``.
-
-    Checkpoints of later steps than this one are removed: resume takes the newest one that
-    loads, so a later one is one that could not be loaded, and counting it would prune good ones.
-    """
-    uri = storage.join(checkpoint_dir(out), f"step_{state['step']:08d}.pt")
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    storage.write_bytes(uri, buffer.getvalue())
-    others = [u for u in list_checkpoints(out) if u != uri]
-    later = [u for u in others if checkpoint_step(u) > state["step"]]
-    earlier = [u for u in others if checkpoint_step(u) < state["step"]]
-    for stale in later:
-        log.warning("removing checkpoint %s: resume passed over it (it did not load), and this "
-                    "run has since written step %d", stale, state["step"])
-        storage.remove(stale)
-    for stale in earlier[: max(0, len(earlier) - (keep - 1))]:
-        storage.remove(stale)
-    return uri
-
-
-def _content_problem(state: object, step: int | None) -> str | None:
-    """What is wrong with a loaded checkpoint's content, or None when it has what resume needs."""
-    if not isinstance(state, dict):
-        return f"it holds a {type(state).__name__}, not a checkpoint dict"
-    if missing := [key for key in CHECKPOINT_ENTRIES if key not in state]:
-        return f"it lacks {', '.join(missing)}"
-    wrong = [f"{key} is a {type(state[key]).__name__}" for key, kind in CHECKPOINT_ENTRIES.items()
-             if not isinstance(state[key], kind)]
-    wrong += [f"model entry {name} is not a tensor" for name, value in state["model"].items()
-              if not isinstance(value, torch.Tensor)][:1]
-    if wrong:
-        return f"wrong entries: {'; '.join(wrong)}"
-    if step is not None and state["step"] != step:
-        return f"it holds step {state['step']} but its name says step {step}"
-    return None
-
-
-def _load_failure(data: bytes, exc: Exception) -> str:
-    """Why torch could not load ``data``, in one line (torch's own messages run to paragraphs)."""
-    if not data.startswith(b"PK\x03\x04"):
-        return "it is not the zip archive torch.save writes (empty or overwritten)"
-    detail = [line for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
-    first = (detail[0] if detail else str(exc)).strip().split(". ")[0]
-    return f"{type(exc).__name__}: {first[:200]}"
-
-
-def load_checkpoint(uri: str) -> dict:
-    """A checkpoint read with ``weights_only=True``; CheckpointError names the file and cause."""
-    data = storage.read_bytes(uri)
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated zip, a foreign pickle, ...: torch raises many kinds
-        raise CheckpointError(f"checkpoint {uri} ({len(data)} bytes) cannot be loaded: "
-                              f"{_load_failure(data, exc)}") from exc
-    if problem := _content_problem(state, checkpoint_step(uri)):
-        raise CheckpointError(f"checkpoint {uri} is not a training checkpoint: {problem}")
-    return state
-
-
-def resume_point(out: str) -> tuple[str, dict] | None:
-    """(URI, state) of the newest checkpoint under ``out`` that loads; None when there are none.
-
-    One that cannot be loaded is named in a warning and the one before it is tried. When none
-    loads, CheckpointError names them all: training from scratch would overwrite the metrics and
-    prune those files, so the choice is left to whoever owns the run.
-    """
-    failures = []
-    for uri in reversed(list_checkpoints(out)):
-        try:
-            return uri, load_checkpoint(uri)
-        except (CheckpointError, FileNotFoundError) as exc:  # gone since the listing: same thing
-            log.warning("%s; trying an earlier checkpoint", exc)
-            failures.append(str(exc))
-    if failures:
-        raise CheckpointError(f"cannot resume the run in {out}: no checkpoint loads "
-                              f"({'; '.join(failures)}); remove {checkpoint_dir(out)} to train "
-                              "from scratch, or use a new out")
-    return None
-
-
-def check_identity(cfg: TrainConfig, state: dict, uri: str, num_pairs: int) -> None:
-    """A checkpoint only resumes the run that wrote it: same model, data and schedule."""
-    now = {k: getattr(cfg, k) for k in IDENTITY_KEYS} | {"num_pairs": num_pairs}
-    # a key newer than the checkpoint had its default when the checkpoint was written
-    saved = ({k: TrainConfig.model_fields[k].default for k in IDENTITY_KEYS} | LEGACY_IDENTITY
-             | state["identity"])
-    diff = [f"{k}: checkpoint {saved.get(k)!r} != now {v!r}" for k, v in now.items() if saved.get(k) != v]
-    if diff:
-        raise ValueError(
-            f"cannot resume from {uri}: the run differs ({'; '.join(diff)}); use a new --out"
-        )
-
-
-def write_metrics(out: str, rows: list[dict], csv: bool) -> None:
+def write_metrics(out: str, rows: list[dict], write_csv: bool) -> None:
+    """metrics.parquet, and with ``write_csv`` metrics.csv: the columns of the first row, quoted by
+    the csv module where a value needs it (a comma, a quote, a line break)."""
     table = pa.Table.from_pylist(rows) if rows else pa.table({"step": pa.array([], pa.int64())})
     storage.write_parquet(storage.join(out, "metrics.parquet"), table)
-    if csv and rows:
-        header = ",".join(rows[0])
-        lines = [",".join(str(r[k]) for k in rows[0]) for r in rows]
-        storage.write_text(storage.join(out, "metrics.csv"), "\n".join([header, *lines]) + "\n")
+    if write_csv and rows:
+        with storage.atomic_open(storage.join(out, "metrics.csv"), "w") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n",
+                                    extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def read_metrics(out: str, upto_step: int) -> list[dict]:
@@ -341,11 +218,12 @@ def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
 
     start_step, rows = 0, []
     resume = resume_point(cfg.out)
+    identity = run_identity(cfg, len(data), rt.world_size)  # hashes the weights once
     if rt.rank == 0:  # the network before any step (a resumed run rebuilds the same one)
         save_backbone(model.encoder, storage.join(cfg.out, "init.safetensors"))
     if resume is not None:
         resume_uri, state = resume
-        check_identity(cfg, state, resume_uri, len(data))
+        check_identity(cfg, state, resume_uri, len(data), rt.world_size, now=identity)
         log.info("resuming from %s (step %d)", resume_uri, state["step"])
         model.load_trainable_state(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -413,7 +291,7 @@ def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rows[-1]['images_per_s']:.1f}")
         if done % cfg.checkpoint_every == 0 or done % steps == 0 or done == stop_step:
-            _checkpoint(cfg, rt, model, optimizer, scheduler, done, steps, len(data), rows,
+            _checkpoint(cfg, rt, model, optimizer, scheduler, done, steps, identity, rows,
                         scaler)
         if on_step is not None:
             on_step(done, model)
@@ -423,12 +301,15 @@ def _train(cfg: TrainConfig, rt: Runtime, on_step) -> TrainResult:
     if rt.rank == 0:
         encoder_uri = storage.join(cfg.out, "encoder.safetensors")
         save_backbone(model.encoder, encoder_uri)  # the encoder alone, no head
+        # the same weights in the model hub layout, and the loss curve of the metrics
+        save_hub_export(model.encoder, storage.join(cfg.out, HUB_FOLDER), cfg.model_dump(mode="json"))
+        write_loss_plot(cfg.out)
     _barrier(rt)
     return TrainResult(stop_step, total_steps, last_loss, encoder_uri,
                        peak_memory_bytes(rt.device))
 
 
-def _checkpoint(cfg, rt, model, optimizer, scheduler, step, epoch_steps, num_pairs, rows,
+def _checkpoint(cfg, rt, model, optimizer, scheduler, step, epoch_steps, identity, rows,
                 scaler=None):
     """Rank 0 writes the checkpoint and the metrics so far; every rank reports and waits.
 
@@ -443,7 +324,7 @@ def _checkpoint(cfg, rt, model, optimizer, scheduler, step, epoch_steps, num_pai
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(),
-            "identity": {k: getattr(cfg, k) for k in IDENTITY_KEYS} | {"num_pairs": num_pairs},
+            "identity": identity,
         }
         if scaler is not None:  # fp16: the loss scale resumes where it was
             state["scaler"] = scaler.state_dict()

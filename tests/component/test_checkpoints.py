@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from shared import storage
-from training.loop import (
+from training.checkpoints import (
     CheckpointError,
     checkpoint_dir,
     list_checkpoints,
@@ -64,7 +64,7 @@ def test_an_unloadable_newest_checkpoint_falls_back_to_the_one_before(fault, tmp
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(newest)
     assert newest in str(err.value) and CAUSES[fault] in str(err.value)
-    with caplog.at_level(logging.WARNING, logger="training.loop"):
+    with caplog.at_level(logging.WARNING, logger="training.checkpoints"):
         uri, state = resume_point(out)
     assert uri.endswith("step_00000002.pt") and state["step"] == 2
     assert torch.equal(state["model"]["head.0.weight"], torch.full((2, 2), 2))
@@ -92,7 +92,7 @@ def test_saving_removes_later_unloadable_files_and_keeps_the_newest_good_ones(tm
         save_checkpoint(out, _state(step), keep=3)
     for step in (8, 9):  # left behind by a run that resumed from step 4 because these failed
         storage.write_bytes(storage.join(checkpoint_dir(out), f"step_{step:08d}.pt"), b"cut")
-    with caplog.at_level(logging.WARNING, logger="training.loop"):
+    with caplog.at_level(logging.WARNING, logger="training.checkpoints"):
         written = save_checkpoint(out, _state(6), keep=2)
     steps = [load_checkpoint(u)["step"] for u in list_checkpoints(out)]
     assert steps == [4, 6] and written == list_checkpoints(out)[-1]

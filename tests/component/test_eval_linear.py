@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from evaluation.datasets import open_dataset
 from evaluation.linear import (
     evaluate_linear_probe,
+    extract_features,
     linear_head,
     run_linear_probe,
     train_linear_probe,
@@ -51,4 +54,20 @@ def test_run_linear_probe_on_synthetic_scenes(tmp_path):
     backbone = load_backbone("vits14", None, tiny=True, device="cpu")
     train, val = open_dataset("synthetic", root, "train"), open_dataset("synthetic", root, "val")
     out = run_linear_probe(backbone, train, val, 28, epochs=2, device="cpu")
-    assert 0.0 <= out["miou"] <= 1.0 and out["train_images"] == 4
+    assert out["train_images"] == 4 and out["val_images"] == 2
+    # the same probe by hand: features at 28 px, the head trained on train, scored on val
+    feats, labels = extract_features(backbone, train, range(4), 28, device="cpu")
+    head = train_linear_probe(feats, labels, train.num_classes, train.ignore_index, epochs=2,
+                              device="cpu")
+    val_feats, val_labels = extract_features(backbone, val, range(2), 28, device="cpu")
+    with torch.no_grad():
+        logits = head(val_feats.permute(0, 3, 1, 2).float())  # (2, C, 2, 2)
+        pred = F.interpolate(logits, size=(28, 28), mode="bilinear").argmax(1).reshape(-1)
+    truth = val_labels.reshape(-1).long()
+    keep = truth != val.ignore_index
+    conf = torch.bincount(truth[keep] * val.num_classes + pred[keep],
+                          minlength=val.num_classes ** 2).view(val.num_classes, -1).double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    assert out["miou"] == pytest.approx((tp[union > 0] / union[union > 0]).mean().item(),
+                                        abs=1e-12)

@@ -4,6 +4,7 @@ keeps the segments."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from labeling.pipeline import LabelingRun, run_labeling
 from shared import storage
+from shared.images import decode_png
 from shared.labelset import LabelSet, LabelSetError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -56,6 +58,26 @@ def test_local_run_writes_a_complete_label_set(local_run):
         assert p["query_area"] > cfg.min_area and p["positive_area"] > cfg.min_area
         assert dict(ls.classes(p["query_id"]))[p["class_id"]] == pytest.approx(p["query_area"])
     assert summary["pairs"] == len(pairs)
+
+
+def test_the_label_set_records_the_models_that_made_it(local_run):
+    import torch
+
+    from labeling.stages import build_segmenter
+
+    cfg, _ = local_run
+    meta = LabelSet(cfg.out).meta
+    torch.manual_seed(cfg.seed)
+    # the identity a segmenter built from the same config reports, as the workers built it
+    expected = json.loads(json.dumps(build_segmenter(cfg, torch.device("cpu")).identity()))
+    assert meta["segmenter"] == "diffcut" and meta["segmenter_identity"] == expected
+    assert meta["segmenter_identity"]["tau"] == cfg.diffcut.tau
+    random_init = {"source": "random", "seed": cfg.seed}  # tiny models: weights from the seed
+    assert meta["backbone"] == "vits14" and meta["backbone_weights"] == random_init
+    assert meta["segmenter_weights"] == random_init
+    assert meta["stage_identities"]["segments"]["weights"] == {"backbone": random_init,
+                                                              "segmenter": random_init}
+    assert meta["config"]["feature_size"] == cfg.feature_size == 56
 
 
 def test_rerun_of_a_finished_set_changes_nothing(local_run, tiny_labeling):
@@ -158,6 +180,37 @@ def test_synthetic_default_reports_quality(tmp_path, ray_local, tiny_labeling):
     summary = run_labeling(cfg, progress=False)
     quality = summary["quality"]
     assert quality["images"] == 8
-    assert 0.0 <= quality["hungarian_miou"] <= 1.0
-    assert 0.0 <= quality["majority_miou"] <= 1.0
-    assert LabelSet(cfg.out).meta["counts"]["quality"] == quality
+    ls = LabelSet(cfg.out)
+    masks = Path(ls.meta["images_uri"]).parents[1] / "masks" / "train"
+    truth = {i: decode_png((masks / f"{i}.png").read_bytes()) for i in ls.image_ids}
+    hungarian, majority = _unsupervised_mious(truth, {i: ls.label_map(i) for i in ls.image_ids},
+                                              ls.num_classes)
+    assert quality["hungarian_miou"] == pytest.approx(hungarian, abs=6e-5)  # rounded to 4 places
+    assert quality["majority_miou"] == pytest.approx(majority, abs=6e-5)
+    assert ls.meta["counts"]["quality"] == quality
+
+
+def _unsupervised_mious(truth: dict, pred: dict, num_classes: int) -> tuple[float, float]:
+    """(Hungarian, majority) mIoU over the true classes present, computed from the maps."""
+    from scipy.optimize import linear_sum_assignment
+
+    t = np.concatenate([truth[i].reshape(-1) for i in truth]).astype(np.int64)
+    p = np.concatenate([pred[i].reshape(-1) for i in truth]).astype(np.int64)
+    t, p = t[t != 255], p[t != 255]
+    conf = np.zeros((t.max() + 1, num_classes), np.int64)  # conf[true, pseudo] pixels
+    np.add.at(conf, (t, p), 1)
+
+    def miou(assign: dict[int, list[int]]) -> float:  # true class -> the pseudo-classes read as it
+        ious = []
+        for c in np.flatnonzero(conf.sum(1)):
+            cols = assign.get(int(c), [])
+            tp = conf[c, cols].sum()
+            ious.append(tp / (conf[c].sum() + conf[:, cols].sum() - tp))
+        return float(np.mean(ious))
+
+    rows, cols = linear_sum_assignment(-conf)
+    one_to_one = {int(r): [int(c)] for r, c in zip(rows, cols, strict=True)}
+    many_to_one: dict[int, list[int]] = {}
+    for j in np.flatnonzero(conf.sum(0)):
+        many_to_one.setdefault(int(conf[:, j].argmax()), []).append(int(j))
+    return miou(one_to_one), miou(many_to_one)

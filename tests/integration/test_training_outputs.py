@@ -10,8 +10,9 @@ import torch
 import training.loop as loop
 from shared import storage
 from shared.backbones import save_backbone
+from training.checkpoints import check_identity, latest_checkpoint, load_checkpoint
 from training.config import TrainConfig
-from training.loop import latest_checkpoint, load_checkpoint, train
+from training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +96,9 @@ def test_a_checkpoint_without_a_newer_identity_key_resumes_with_its_default(labe
     uri = latest_checkpoint(out)
     state = load_checkpoint(uri)
     del state["identity"]["distractors"]  # written before the key existed
-    loop.check_identity(cfg, state, uri, 8)
+    check_identity(cfg, state, uri, 8, 1)
     with pytest.raises(ValueError, match="distractors"):
-        loop.check_identity(cfg.model_copy(update={"distractors": "released"}), state, uri, 8)
+        check_identity(cfg.model_copy(update={"distractors": "released"}), state, uri, 8, 1)
 
 
 def test_compile_flag_compiles_the_forward_the_step_calls(labels8, tmp_path, monkeypatch):

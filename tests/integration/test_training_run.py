@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 from shared import storage
 from shared.backbones import load_backbone
 from shared.labelset import LabelSetError, LabelSetWriter
+from training.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 from training.config import TrainConfig
 from training.episodes import EpisodeError
-from training.loop import latest_checkpoint, list_checkpoints, load_checkpoint, train
+from training.loop import train
 from training.run import app, run_training
 
 
@@ -126,7 +127,7 @@ def test_a_truncated_newest_checkpoint_resumes_from_the_one_before(tmp_path, syn
     storage.write_bytes(newest, data[: len(data) // 2])  # a write cut short by the crash
 
     ran = []
-    with caplog.at_level(logging.WARNING, logger="training.loop"):
+    with caplog.at_level(logging.WARNING, logger="training.checkpoints"):
         resumed = train(tiny_config(labels, broken, **changes),
                         on_step=lambda step, _: ran.append(step))
     assert resumed.step == 6 and ran == [3, 4, 5, 6]  # from step 2, the one before the bad file

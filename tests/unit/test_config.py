@@ -56,3 +56,16 @@ def test_saved_config_reloads_identically(tmp_path):
     out = tmp_path / "out" / "config.yaml"
     save_config(cfg, str(out))
     assert load_config(Outer, str(out)) == cfg
+
+
+def test_labeling_feature_size_follows_the_backbone_and_is_checked():
+    from labeling.config import LabelConfig
+
+    assert LabelConfig().feature_size == 448  # DINOv2R /14: a 32 x 32 grid
+    assert LabelConfig(backbone="clip_vitb16").feature_size == 512  # /16: the same grid
+    cfg = load_config(LabelConfig, overrides=["backbone=mae_vitb16"])
+    assert cfg.feature_size == 512 and cfg.model_dump()["feature_size"] == 512  # as saved
+    with pytest.raises(ConfigError, match="backbone: unknown backbone 'vitz99'"):
+        load_config(LabelConfig, overrides=["backbone=vitz99"])
+    with pytest.raises(ConfigError, match="feature_size: 500 is not a multiple of .* 16"):
+        load_config(LabelConfig, overrides=["backbone=clip_vitb16", "feature_size=500"])

@@ -15,6 +15,8 @@ from training.config import TrainConfig
 
 RESOLVED = ("seed", "noise_device", "antialias", "vae_dtype")
 
+WEIGHTS = {"backbone": {"source": "file", "sha256": "a" * 64}, "segmenter": None}
+
 
 def test_project_is_the_default_and_keeps_todays_behaviour():
     cfg = DiffCutConfig()
@@ -47,8 +49,9 @@ def test_the_saved_config_records_the_resolved_values_and_reads_back_the_same(tm
 
 
 def test_the_preset_changes_the_segments_identity():
-    project = stage_identities(LabelConfig(), "sha", 10)
-    released = stage_identities(LabelConfig(diffcut={"preset": "released"}), "sha", 10)
+    project = stage_identities(LabelConfig(), "sha", 10, WEIGHTS)
+    released = stage_identities(LabelConfig(diffcut={"preset": "released"}), "sha", 10,
+                                WEIGHTS)
     assert project["segments"] != released["segments"]
     assert released["segments"]["config"]["diffcut"]["noise_device"] == "cuda"
 
