@@ -2,7 +2,8 @@
 
 For each (encoder, dataset, fraction, seed): pick the low-shot subset of the memory images,
 build (or reuse) its memory bank with the Ray job, query it with the validation images, record
-mIoU or RMSE. Banks live under
+mIoU or RMSE. With ``linear.enabled``, each (encoder, segmentation dataset) also gets the
+linear-probe baseline, trained on the same training images and scored on the same queries. Banks live under
 ``<out>/banks/<encoder>-<weights hash>/<dataset>/<fraction>/seed<seed>-<options hash>``, so
 a rerun reuses them and runs with other options never collide.
 """
@@ -21,11 +22,13 @@ import torch
 from shared import storage
 from shared.backbones import get_spec, load_backbone, save_backbone
 from shared.config import ConfigError, save_config
+from shared.devices import default_device
 
 from .bank import encoder_identity, npy_bytes, npy_load
 from .config import EvalConfig
 from .datasets import PAPER_DATASETS, dataset_class, memory_dataset_name, open_dataset
 from .datasets.lowshot import class_presence, lowshot_subsets, parse_fraction
+from .linear import run_linear_probe
 from .memory import BankSpec, DatasetRef, EncoderRef, build_memory_bank, fingerprint_key
 from .protocols import resolved_settings
 from .report import write_results
@@ -138,7 +141,7 @@ def run_benchmark(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[d
     pairs = check_encoders(cfg)
     datasets = open_datasets(cfg, names)
     save_config(cfg, storage.join(cfg.out, "config.yaml"))
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(cfg.device)
     protocol = resolved_settings(cfg)
     records: list[dict] = []
     for backbone_name, weights in pairs:
@@ -148,6 +151,9 @@ def run_benchmark(cfg: EvalConfig, log: Callable[[str], None] = print) -> list[d
         size = cfg.input_size or backbone.spec.eval_input_size
         for name in names:
             records += _evaluate_dataset(cfg, name, datasets[name], ref, backbone, identity,
+                                         label, size, device, log)
+            if cfg.linear.enabled:
+                records += _linear_probe(cfg, name, datasets[name], ref, backbone, identity,
                                          label, size, device, log)
             write_results(cfg.out, records, protocol)
     return write_results(cfg.out, records, protocol)
@@ -186,9 +192,38 @@ def _evaluate_dataset(cfg, name, readers, ref, backbone, identity, label, size, 
                 "encoder": label, "backbone": identity["backbone"], "weights": ref.weights,
                 "weights_sha256": identity["weights_sha256"], "dataset": name,
                 "memory_dataset": mem_name, "fraction": fraction, "seed": seed,
-                "memory_images": len(subset), "protocol": cfg.protocol, "metric": metric,
+                "memory_images": len(subset), "protocol": cfg.protocol,
+                "method": "in-context", "metric": metric,
                 "matching": result.get("matching"), "value": _finite(result[metric]),
                 "input_size": size, "bank": bank_uri,
                 "details": {k: v for k, v in result.items() if k not in (metric, "matching")},
             })
     return records
+
+
+def _linear_probe(cfg, name, readers, ref, backbone, identity, label, size, device,
+                  log) -> list[dict]:
+    """The linear-probe record of one (encoder, dataset): trained on the memory dataset's
+    training images (``max_train_images`` of them), scored on the in-context queries."""
+    train, val = readers
+    if val.task != "segmentation":
+        log(f"linear probe: {name} is a {val.task} dataset, skipped (the probe classifies)")
+        return []
+    if cfg.max_train_images:
+        train = train.subset(range(min(len(train), cfg.max_train_images)))
+    if cfg.max_val_images:
+        val = val.subset(range(min(len(val), cfg.max_val_images)))
+    lin = cfg.linear
+    log(f"linear probe: {label} on {name} ({len(train)} training images, {lin.epochs} epochs)")
+    result = run_linear_probe(backbone, train, val, size, lin.epochs, lin.lr, lin.batch_size,
+                              lin.seed, device, lin.weight_decay)
+    return [{
+        "encoder": label, "backbone": identity["backbone"], "weights": ref.weights,
+        "weights_sha256": identity["weights_sha256"], "dataset": name,
+        "train_dataset": memory_dataset_name(name), "fraction": "1", "seed": lin.seed,
+        "train_images": result["train_images"], "protocol": cfg.protocol, "method": "linear",
+        "metric": "miou", "matching": result["matching"], "value": _finite(result["miou"]),
+        "input_size": size,
+        "details": {"val_images": result["val_images"], "epochs": lin.epochs, "lr": lin.lr,
+                    "batch_size": lin.batch_size, "weight_decay": lin.weight_decay},
+    }]

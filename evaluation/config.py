@@ -78,6 +78,19 @@ class LowShotConfig(Config):
         return [str(f) for f in value]
 
 
+class LinearConfig(Config):
+    """The linear-probe baseline (evaluation/linear.py): a 1x1 convolution trained on the frozen
+    encoder's patch features of the training images, scored by mIoU on the validation images."""
+
+    enabled: bool = Field(False, description="also run the linear probe on every segmentation "
+                                             "dataset (depth datasets are skipped)")
+    epochs: int = Field(10, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, gt=0, description="images per optimizer step")
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+
+
 class EvalConfig(Config):
     """One benchmark run: encoders x datasets x low-shot fractions x seeds."""
 
@@ -100,6 +113,7 @@ class EvalConfig(Config):
     memory: MemoryConfig = MemoryConfig()
     search: SearchConfig = SearchConfig()
     lowshot: LowShotConfig = LowShotConfig()
+    linear: LinearConfig = LinearConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -11,29 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.images import eval_geometry, to_tensor
+from shared.devices import default_device
 
+from .encode import encode_resized
 from .transfer import ConfusionAccumulator
 
 
 def extract_features(backbone, dataset, indices, size: int, batch_size: int = 8,
-                     device=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     device=None, threads: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense features (N, h, w, D) float16 and labels (N, S, S) of the images at ``indices``."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    feats, labels = [], []
-    indices = list(indices)
-    for start in range(0, len(indices), batch_size):
-        images, targets = [], []
-        for i in indices[start : start + batch_size]:
-            image, target = dataset.load(int(i))
-            img, tgt = eval_geometry(to_tensor(image), torch.from_numpy(target), size)
-            images.append(img)
-            targets.append(tgt)
-        with torch.inference_mode():
-            dense = backbone.dense_features(torch.stack(images).to(device))  # (B, h, w, D)
-        feats.append(dense.half().cpu())
-        labels.append(torch.stack(targets))
-    return torch.cat(feats), torch.cat(labels)
+    return encode_resized(backbone, dataset, list(indices), size, batch_size,
+                          default_device(device), lambda dense: dense.half().cpu(), threads)
 
 
 def linear_head(dim: int, num_classes: int) -> nn.Conv2d:
@@ -60,7 +48,7 @@ def train_linear_probe(
     device=None,
 ) -> nn.Conv2d:
     """Train the 1x1-conv head with AdamW on cached features; returns the head (eval mode)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     torch.manual_seed(seed)
     head = linear_head(feats.shape[-1], num_classes).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
@@ -95,11 +83,12 @@ def evaluate_linear_probe(head: nn.Module, feats: torch.Tensor, labels: torch.Te
 
 
 def run_linear_probe(backbone, train, val, size: int, epochs: int = 10, lr: float = 1e-3,
-                     batch_size: int = 16, seed: int = 0, device=None) -> dict:
+                     batch_size: int = 16, seed: int = 0, device=None,
+                     weight_decay: float = 1e-4) -> dict:
     """Linear-probe mIoU of a frozen encoder: train on ``train``, score on ``val``."""
     tr_f, tr_l = extract_features(backbone, train, range(len(train)), size, device=device)
     va_f, va_l = extract_features(backbone, val, range(len(val)), size, device=device)
     head = train_linear_probe(tr_f, tr_l, train.num_classes, train.ignore_index, epochs, lr,
-                              batch_size, seed=seed, device=device)
+                              batch_size, weight_decay, seed=seed, device=device)
     return {"miou": evaluate_linear_probe(head, va_f, va_l, val.num_classes, val.ignore_index),
             "matching": "identity", "train_images": len(train), "val_images": len(val)}

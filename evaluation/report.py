@@ -1,7 +1,8 @@
 """Result tables: per-run records -> mean and std over seeds, as JSON and Markdown.
 
-Every row names its protocol and, for mIoU, the class matching that produced the number
-(``identity`` or ``hungarian``); rows of different protocols or matchings are never pooled.
+Every row names its protocol, its method (``in-context`` retrieval or the ``linear`` probe)
+and, for mIoU, the class matching that produced the number (``identity`` or ``hungarian``);
+rows of different protocols, methods or matchings are never pooled.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from shared import storage
 from .protocols import describe
 
 METRICS = {"miou": ("mIoU (%)", 100.0, 2), "rmse": ("RMSE (m)", 1.0, 3)}
-GROUP = ("encoder", "dataset", "fraction", "protocol", "metric", "matching")
+GROUP = ("encoder", "dataset", "fraction", "protocol", "metric", "matching", "method")
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Group records by (encoder, dataset, fraction, protocol, metric, matching): mean and std
-    (ddof 0) of the metric over seeds."""
+    """Group records by (encoder, dataset, fraction, protocol, metric, matching, method): mean
+    and std (ddof 0) of the metric over seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[tuple(r.get(k) for k in GROUP)].append(r)
@@ -37,16 +38,16 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One line per (encoder, dataset, fraction, protocol, matching): mean +- std over seeds."""
-    lines = ["| encoder | dataset | fraction | protocol | metric | matching | mean | std | seeds |",
-             "|---|---|---|---|---|---|---:|---:|---:|"]
+    """One line per summary row (see ``summarize``): mean +- std over seeds."""
+    lines = ["| encoder | dataset | fraction | protocol | metric | matching | mean | std | seeds "
+             "| method |", "|---|---|---|---|---|---|---:|---:|---:|---|"]
     for r in rows:
         name, scale, digits = METRICS[r["metric"]]
         mean = "n/a" if r["mean"] is None else f"{r['mean'] * scale:.{digits}f}"
         std = "n/a" if r["std"] is None else f"{r['std'] * scale:.{digits}f}"
         lines.append(f"| {r['encoder']} | {r['dataset']} | {r['fraction']} | "
                      f"{r.get('protocol') or 'n/a'} | {name} | {r.get('matching') or '-'} | "
-                     f"{mean} | {std} | {len(r['seeds'])} |")
+                     f"{mean} | {std} | {len(r['seeds'])} | {r.get('method') or '-'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,10 +5,13 @@
         --dataset all --set data_roots.voc=... --set data_roots.ade20k=... --address auto
     python -m evaluation.run --tiny --dataset synthetic --data-root /tmp/scenes --set memory.size=4096
     python -m evaluation.run --set protocol=hummingbird --dataset voc --data-root s3://data/VOC2012
+    python -m evaluation.run --dataset voc --data-root s3://data/VOC2012 --set linear.enabled=true
 
 Configuration: defaults (the paper's settings) <- --config YAML <- the flags <- --set key=value.
 ``protocol`` (dip, the default, or hummingbird) fills the settings of a published evaluation
-that none of these sets explicitly: ``--set protocol=hummingbird``.
+that none of these sets explicitly: ``--set protocol=hummingbird``. ``--set linear.enabled=true``
+adds the linear-probe baseline on each segmentation dataset (``linear.epochs``, ``linear.lr``,
+...), as rows of method ``linear`` in the same results.json / results.md.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def flags_to_overrides(backbone, weights, dataset, data_root, out, tiny, address
 
 @app.command()
 def main(
-    backbone: Annotated[list[str] | None, typer.Option(help="registered backbone (repeatable)")] = None,
+    backbone: Annotated[list[str] | None, typer.Option(help="registered backbone (repeatable; default: the ones the --weights files record, else vits14)")] = None,
     weights: Annotated[list[str] | None, typer.Option(
         help="'hub', 'random', or an exported encoder file (repeatable)")] = None,
     dataset: Annotated[list[str] | None, typer.Option(
@@ -61,17 +64,21 @@ def main(
     config: Annotated[str | None, typer.Option(help="YAML config file (any URI)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override key=value")] = None,
 ) -> None:
-    """Evaluate encoders with the in-context (nearest-neighbour retrieval) benchmark."""
+    """Evaluate encoders with the in-context (nearest-neighbour retrieval) benchmark; with
+    --set linear.enabled=true, with the linear-probe baseline too."""
     from evaluation.benchmark import run_benchmark
     from evaluation.config import EvalConfig
     from evaluation.protocols import describe, resolved_settings
     from evaluation.report import markdown_table
+    from shared.backbones import backbone_override
 
     try:
         overrides = deep_merge(
             flags_to_overrides(backbone, weights, dataset, data_root, out, tiny, address),
             parse_overrides(set_ or []))
         cfg = load_config(EvalConfig, config, overrides)
+        if inferred := backbone_override(cfg, "backbones"):  # none given: the files' own
+            cfg = load_config(EvalConfig, config, deep_merge(overrides, inferred))
         rows = run_benchmark(cfg, log=lambda msg: typer.echo(msg, err=True))
     except user_errors() as exc:  # bad input: say what, no traceback
         typer.echo(error_line(PROG, exc), err=True)

@@ -3,7 +3,10 @@
 Decoding is strict: a truncated or corrupt file is an error that names the file, never a
 half-grey image. Label maps are stored as 8- or 16-bit single-channel PNGs and come back
 bit-exact. Geometry works on torch tensors shaped ``(..., C, H, W)`` (images) and
-``(..., H, W)`` (labels); labels only ever take values that are in the input.
+``(..., H, W)`` (labels); labels only ever take values that are in the input. Image resizing
+and centre crops are torchvision's (``transforms.v2.functional``); label resizing is our own
+exact integer nearest, which torchvision has no equal of (its nearest computes the source
+index in float, and works on float copies of most integer types).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFile, ImageOps
+from torchvision.transforms import InterpolationMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -237,21 +241,20 @@ def _check_size(size) -> tuple[int, int]:
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize with antialiasing of (..., C, H, W) to (..., C, *size).
 
-    Float images are resized as torchvision's ``Resize`` does on tensors. uint8 images are
-    resized in float32 and rounded back to uint8.
+    torchvision's v2 ``resize``. Integer images are resized in float32 and rounded back, so
+    that they come out the same on every device (torchvision's own uint8 kernel, used on CPU
+    only, rounds differently). An image that already has ``size`` comes back as it is.
     """
     if image.ndim < 3:
         raise ValueError(f"resize_image expects (..., C, H, W), got shape {tuple(image.shape)}")
     height, width = _check_size(size)
-    lead = image.shape[:-3]
-    flat = image.reshape(-1, *image.shape[-3:])  # (N, C, H, W)
-    work = flat if flat.is_floating_point() else flat.float()
-    out = F.interpolate(work, size=(height, width), mode="bilinear", align_corners=False,
-                        antialias=True)
+    work = image if image.is_floating_point() else image.float()
+    out = TF.resize(work, [height, width], interpolation=InterpolationMode.BILINEAR,
+                    antialias=True)
     if not image.is_floating_point():
         info = torch.iinfo(image.dtype)
         out = out.round_().clamp_(info.min, info.max).to(image.dtype)
-    return out.reshape(*lead, image.shape[-3], height, width)
+    return out
 
 
 def nearest_indices(in_len: int, out_len: int, device=None) -> torch.Tensor:
@@ -289,14 +292,15 @@ def shorter_side_size(height: int, width: int, short: int) -> tuple[int, int]:
 
 
 def center_crop(tensor: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
-    """Centre crop of the last two dims with torchvision's anchor: round((size - crop) / 2)."""
+    """Centre crop of the last two dims: torchvision's, anchored at round((size - crop) / 2).
+
+    A crop larger than the input is an error here (torchvision would pad it with zeros).
+    """
     crop_h, crop_w = _check_size(crop)
     height, width = tensor.shape[-2:]
     if crop_h > height or crop_w > width:
         raise ValueError(f"crop {crop_h}x{crop_w} is larger than the input {height}x{width}")
-    top = int(round((height - crop_h) / 2.0))
-    left = int(round((width - crop_w) / 2.0))
-    return tensor[..., top : top + crop_h, left : left + crop_w]
+    return TF.center_crop(tensor, [crop_h, crop_w])
 
 
 def _check_pair(image: torch.Tensor, labels: torch.Tensor | None) -> None:

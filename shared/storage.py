@@ -11,15 +11,15 @@ S3 endpoint and credentials come only from the environment: the endpoint from
 ``storage_environment()`` hands them to Ray workers (``runtime_env={"env_vars": ...}``).
 
 Failures follow ``shared.storage_policy``: transient ones are retried within bounded
-timeouts and a deadline (``DIP_STORAGE_*`` variables), permanent ones are raised at once, and
-every error names the URI. Its public names (``StorageError`` and subclasses, ``settings``,
-``retry``, ``is_transient``, ``is_environment_error``, ...) are importable from here as well.
+timeouts and a deadline (``DIP_STORAGE_*`` variables; on S3 by botocore, request by request,
+see ``shared.storage_s3``), permanent ones are raised at once, and every error names the URI.
+Its public names (``StorageError`` and subclasses, ``settings``, ``retry``, ``is_transient``,
+``is_environment_error``, ...) are importable from here as well.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import tempfile
@@ -33,9 +33,12 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
+from shared import storage_s3
+
 # Re-exported: callers write storage.StorageError, storage.retry, storage.settings() and so on.
 # The policy reads its DEFAULT_* from its own module at every call: patch them there.
 from shared.storage_policy import (  # noqa: F401
+    CLIENT_ATTEMPTS_ATTRIBUTE,
     DEFAULT_ATTEMPTS,
     DEFAULT_BASE_DELAY,
     DEFAULT_CONNECT_TIMEOUT,
@@ -48,6 +51,8 @@ from shared.storage_policy import (  # noqa: F401
     StorageNotFoundError,
     StoragePermissionError,
     StorageSettings,
+    botocore_backoff,
+    client_attempts,
     is_environment_error,
     is_transient,
     retry,
@@ -60,31 +65,11 @@ from shared.storage_policy import call as _call
 # --------------------------------------------------------------------------- filesystems
 
 
-def _s3_endpoint() -> str | None:
-    for key in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
-        value = os.environ.get(key, "").strip()
-        if value:
-            return value
-    return None
-
-
 def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and in-filesystem path of ``uri``; S3 endpoint and timeouts read now."""
     uri = str(uri)
-    protocol = fsspec.utils.get_protocol(uri)
-    if protocol in ("s3", "s3a"):
-        # Endpoint and timeouts are constructor arguments, so fsspec's instance cache gives a
-        # fresh filesystem when the environment changes them. Listings are never cached:
-        # another process may have written since. Retries are ours alone (see retry()).
-        s = settings()
-        fs = fsspec.filesystem(
-            "s3",
-            client_kwargs={"endpoint_url": _s3_endpoint()},
-            config_kwargs={"retries": {"total_max_attempts": 1},
-                           "connect_timeout": s.connect_timeout, "read_timeout": s.read_timeout},
-            use_listings_cache=False,
-        )
-        fs.retries = 1  # s3fs's own retry loop (a class attribute, not a constructor argument)
+    if fsspec.utils.get_protocol(uri) in ("s3", "s3a"):
+        fs = storage_s3.filesystem()  # botocore retries its requests, within our deadline
         return fs, fs._strip_protocol(uri)
     return fsspec.core.url_to_fs(uri)
 
@@ -251,15 +236,12 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 
 @contextlib.contextmanager
-def open_read(uri: str, mode: str = "rb") -> Iterator[Any]:
-    """Open ``uri`` for streaming reads (``"rb"`` or ``"r"``); writes go through atomic_open."""
-    if mode not in ("rb", "r"):
-        raise ValueError(f"open_read mode must be 'rb' or 'r', got {mode!r}; "
-                         "write with atomic_open")
+def open_read(uri: str) -> Iterator[Any]:
+    """Open ``uri`` for streaming binary reads (a Parquet footer, a hash of a large file)."""
     fs, path = url_to_fs(uri)
     handle = _call("open", uri, fs.open, path, "rb")
     with handle:
-        yield io.TextIOWrapper(handle, encoding="utf-8") if mode == "r" else handle
+        yield handle
 
 
 # --------------------------------------------------------------------------- atomic writes

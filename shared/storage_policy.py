@@ -5,6 +5,13 @@ backoff; permanent ones (not found, permission denied) are raised at once. Error
 ``is_environment_error`` tells a failure of the environment (network, throttling, credentials,
 disk) from a failure of the object itself (missing, undecodable).
 
+Who retries: on S3, botocore, request by request (``standard`` mode, see shared.storage_s3), so
+one throttled page of a listing or part of an upload is sent again alone; its retry quota stops
+retrying when most requests of a client fail. It has no time budget: shared.storage_s3 adds the
+deadline below as a ``needs-retry`` handler. s3fs's loop stays off (it would repeat botocore's
+attempts). ``retry`` covers what botocore never sees: other stores, and an S3 body that breaks
+after its response began; it never repeats a request botocore retried.
+
 Bounds, read from the environment at every call (workers and tests may change them):
 
 - ``DIP_STORAGE_CONNECT_TIMEOUT`` (5 s): opening a connection. A healthy endpoint answers in
@@ -12,14 +19,17 @@ Bounds, read from the environment at every call (workers and tests may change th
 - ``DIP_STORAGE_READ_TIMEOUT`` (15 s): the longest silence while waiting for response bytes.
   It does not limit a whole transfer, so large objects are unaffected; S3's first byte
   typically comes within 100-200 ms. 5 s and 15 s are also s3fs's own defaults.
-- ``DIP_STORAGE_ATTEMPTS`` (5): tries per operation, enough to ride out a burst of throttling.
-- ``DIP_STORAGE_DEADLINE`` (60 s): the budget of one operation, attempts and backoff together.
-  A retry starts only if it can end within the budget, counting one attempt as the larger of
-  connect + read timeout and the longest attempt so far. A stalled endpoint thus fails an
-  operation after about 46 s (three 15 s silences; a fourth could not end in time) and never
-  after more than 60 s, where the old fixed 60 s x 5 attempts took five minutes.
-  ``worst_case_seconds()`` computes the bound of the current settings.
-- ``DIP_STORAGE_BASE_DELAY`` (0.2 s), ``DIP_STORAGE_MAX_DELAY`` (5 s): the backoff.
+- ``DIP_STORAGE_ATTEMPTS`` (5): tries per request (S3: botocore's ``total_max_attempts``) and
+  per operation of ``retry``, enough to ride out a burst of throttling.
+- ``DIP_STORAGE_DEADLINE`` (60 s): the budget of one S3 request or one ``retry`` operation,
+  attempts and backoff together. A retry starts only if it can end within the budget, counting
+  one attempt as the larger of connect + read timeout and the longest attempt so far, and the
+  wait before it at its longest. A stalled endpoint thus fails a request after about 46 s
+  (three 15 s silences; a fourth could not end in time) and never after more than 60 s, where
+  the old fixed 60 s x 5 attempts took five minutes. ``worst_case_seconds()`` computes the
+  bound of the current settings.
+- ``DIP_STORAGE_BASE_DELAY`` (0.2 s), ``DIP_STORAGE_MAX_DELAY`` (5 s): the backoff of ``retry``.
+  botocore waits U(0, 1) x min(2**i, 20) s before its retry i (0-based); it has no setting.
 
 The bounds hold per HTTP request: an operation of many requests (a recursive listing, a
 multipart upload) is bounded request by request, and a server that sends a byte within every
@@ -157,14 +167,18 @@ def settings() -> StorageSettings:
     )
 
 
-def worst_case_seconds() -> float:
+def worst_case_seconds(uri: str | None = None) -> float:
     """How long one single-request operation can take at most against a stalled endpoint.
 
     Each attempt ends within connect + read timeout; with backoff at its largest, A attempts
     take ``A * attempt + sum(delays)``; and no retry starts unless it ends within the deadline.
+    The delays are botocore's for an ``s3://`` ``uri``, ``retry``'s otherwise.
     """
     s = settings()
-    backoff = sum(min(s.max_delay, s.base_delay * 2**i) for i in range(s.attempts - 1))
+    if uri is not None and str(uri).startswith(("s3://", "s3a://")):
+        backoff = sum(botocore_backoff(i) for i in range(s.attempts - 1))
+    else:
+        backoff = sum(min(s.max_delay, s.base_delay * 2**i) for i in range(s.attempts - 1))
     return min(s.attempts * s.attempt_seconds + backoff, max(s.attempt_seconds, s.deadline))
 
 
@@ -178,6 +192,30 @@ def storage_environment() -> dict[str, str]:
     return {key: value for key, value in sorted(os.environ.items())
             if value and (key in _FORWARDED_VARIABLES or key.startswith("DIP_STORAGE_"))}
 
+
+# --------------------------------------------------------------------------- S3 requests
+
+# Set by shared.storage_s3 on an exception botocore's retry loop saw: the request's attempts.
+CLIENT_ATTEMPTS_ATTRIBUTE = "dip_request_attempts"
+
+
+def botocore_backoff(i: int) -> float:
+    """The longest wait of botocore's standard retry mode before its retry ``i`` (0-based)."""
+    return min(20.0, 2.0**i)
+
+
+def client_attempts(exc: BaseException) -> int | None:
+    """How many attempts botocore made at the request that failed with ``exc``; None when the
+    failure never went through its retry loop (not S3, or an S3 body that broke mid-way)."""
+    for err in _chain(exc):
+        if getattr(err, CLIENT_ATTEMPTS_ATTRIBUTE, None) is not None:
+            return int(getattr(err, CLIENT_ATTEMPTS_ATTRIBUTE))
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            retries = response.get("ResponseMetadata", {}).get("RetryAttempts")
+            if retries is not None:
+                return int(retries) + 1
+    return None
 
 
 # --------------------------------------------------------------------------- classification
@@ -286,8 +324,8 @@ def retry(
     Delay before retry i (0-based) is ``min(max_delay, base_delay * 2**i)`` times U(0.5, 1).
     A retry starts only if it can end within ``deadline`` seconds of the first call, counting
     it as long as the larger of connect + read timeout and the longest attempt so far. Unset
-    arguments come from ``settings()``. Permanent errors and the last transient error are
-    raised unchanged.
+    arguments come from ``settings()``. Permanent errors, the last transient error and an
+    error of a request botocore already retried (``client_attempts``) are raised unchanged.
     """
     s = settings()
     attempts = s.attempts if attempts is None else attempts
@@ -307,7 +345,8 @@ def retry(
             longest = max(longest, now - began)
             delay = min(max_delay, base_delay * 2**i) * (0.5 + 0.5 * random.random())
             over_budget = now - start + delay + longest > deadline
-            if i == attempts - 1 or over_budget or not is_transient(exc):
+            if (i == attempts - 1 or over_budget or not is_transient(exc)
+                    or client_attempts(exc) is not None):
                 raise
             sleep(delay)
     raise AssertionError("unreachable")
@@ -348,6 +387,7 @@ def call(op: str, uri: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> 
             extra = ""
             if is_transient(exc):
                 elapsed = time.monotonic() - start
+                tries = client_attempts(exc) or tries
                 extra = f" (gave up after {tries} attempt{'s' * (tries != 1)} in {elapsed:.1f} s)"
             raise StorageError(f"{op} {uri} failed{extra}: {type(exc).__name__}: {exc}") from exc
         raise

@@ -9,7 +9,10 @@ response relayed, except requests that match a rule, which get a fault instead:
   (e.g. ``"InvalidAccessKeyId"``), status 403;
 - ``"stall"``: the request is read and never answered, until the proxy stops (or
   ``stall_limit`` seconds pass);
-- ``"reset"``: the connection is closed with a TCP reset.
+- ``"reset"``: the connection is closed with a TCP reset;
+- ``"truncate"``: the request is forwarded and the response relayed with its full
+  Content-Length but only the first half of its body, then the connection is closed (a
+  transfer that breaks after the response began).
 
 Rules match on method and on the decoded object key, so a GetObject of one image can fail while
 listings of its bucket (requests without a key) pass. Rules can be added and cleared at any time
@@ -28,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 from xml.sax.saxutils import escape
 
 MODES = {"503": (503, "ServiceUnavailable"), "403": (403, "AccessDenied"),
-         "stall": (0, ""), "reset": (0, "")}
+         "stall": (0, ""), "reset": (0, ""), "truncate": (0, "")}
 # hop-by-hop headers are the proxy's own business; the body is re-framed with Content-Length
 _HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
                 "transfer-encoding", "upgrade", "expect", "content-length"}
@@ -191,6 +194,9 @@ def _handler_for(proxy: S3FaultProxy) -> type[BaseHTTPRequestHandler]:
             rule = proxy._decide(self.command, key)
             if rule is None:
                 self._forward(body)
+            elif rule.mode == "truncate":
+                self._forward(body, truncate=True)
+                self.close_connection = True
             elif rule.mode == "stall":
                 proxy._stopped.wait(proxy.stall_limit)
                 self.close_connection = True
@@ -212,7 +218,7 @@ def _handler_for(proxy: S3FaultProxy) -> type[BaseHTTPRequestHandler]:
             if self.command != "HEAD":
                 self.wfile.write(payload)
 
-        def _forward(self, body: bytes) -> None:
+        def _forward(self, body: bytes, truncate: bool = False) -> None:
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
             if body or self.command in ("PUT", "POST"):
                 headers["Content-Length"] = str(len(body))
@@ -235,7 +241,7 @@ def _handler_for(proxy: S3FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             if not no_body:
-                self.wfile.write(payload)
+                self.wfile.write(payload[: len(payload) // 2] if truncate else payload)
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

@@ -117,7 +117,8 @@ def test_s3_unreachable_endpoint_is_retried_then_named(s3_bucket, monkeypatch):
     with pytest.raises(Exception) as info:
         storage.retry(read, sleep=lambda s: None)
     assert storage.is_transient(info.value)
-    assert len(calls) == 3
+    # botocore made the 3 attempts at the request; retry() does not repeat them
+    assert storage.client_attempts(info.value) == 3 and len(calls) == 1
     with pytest.raises(storage.StorageError, match=r"s3://.*/k.bin.*gave up after 3 attempts"):
         storage.read_bytes(uri)
     # checks must not mistake an outage for "not there" (that would redo finished work)
@@ -173,7 +174,7 @@ def test_stalled_endpoint_fails_within_the_configured_bound(monkeypatch, attempt
         monkeypatch.setenv(key, value)
     _bounds(monkeypatch, connect_timeout=1, read_timeout=1 if attempts == 2 else 0.5,
             attempts=attempts, deadline=deadline, base_delay=0.05)
-    bound = storage.worst_case_seconds()
+    bound = storage.worst_case_seconds("s3://bucket/key")
     assert bound <= deadline
     with stalled_endpoint() as (url, accepted):
         monkeypatch.setenv("AWS_ENDPOINT_URL", url)
@@ -221,7 +222,7 @@ def test_proxy_passes_everything_through(s3_bucket, s3_proxy, monkeypatch):
 
 
 @pytest.mark.parametrize("code", ["ServiceUnavailable", "SlowDown"])
-def test_proxy_503_is_retried_by_us_alone_then_an_environment_error(proxied, code):
+def test_proxy_503_is_retried_by_botocore_alone_then_an_environment_error(proxied, code):
     proxy, (first, second, third) = proxied
     rule = proxy.fail(method="GET", key_contains="img003", mode="503", code=code)
     assert storage.read_bytes(first) == first.encode()
@@ -229,7 +230,7 @@ def test_proxy_503_is_retried_by_us_alone_then_an_environment_error(proxied, cod
     with pytest.raises(storage.StorageError, match=r"img003.jpg.*gave up after 3 attempts") as info:
         storage.read_bytes(third)
     assert storage.is_environment_error(info.value)
-    # exactly our 3 attempts: neither s3fs nor botocore retried on their own
+    # exactly the 3 attempts of botocore: neither s3fs nor retry() repeated them
     assert rule.hits == 3 == proxy.count(method="GET", key_contains="img003")
     proxy.clear()
     assert storage.read_bytes(third) == third.encode()
@@ -261,7 +262,7 @@ def test_proxy_dropped_and_stalled_requests_are_transient(proxied, monkeypatch, 
     start = time.monotonic()
     with pytest.raises(storage.StorageError, match="img003.jpg.*gave up after 2 attempts") as info:
         storage.read_bytes(third)
-    assert time.monotonic() - start <= storage.worst_case_seconds() + 1.0
+    assert time.monotonic() - start <= storage.worst_case_seconds(third) + 1.0
     assert storage.is_environment_error(info.value)
     # aiohttp resends an idempotent request once when a kept-alive connection drops
     # (RFC 9112 9.3.1); a stall is never resent, so a timeout is never paid twice per attempt
@@ -274,3 +275,32 @@ def test_proxy_rule_with_times_fails_only_the_first_requests(proxied):
     rule = proxy.fail(method="GET", key_contains="img003", mode="503", times=2)
     assert storage.read_bytes(third) == third.encode()  # attempt 3 of 3 passes
     assert rule.hits == 2 and proxy.count(method="GET", key_contains="img003") == 3
+
+
+def test_one_failing_request_of_many_is_retried_alone(proxied):
+    proxy, uris = proxied
+    rule = proxy.fail(method="GET", key_contains="img002", mode="503", times=1)
+    assert storage.read_many(uris) == [uri.encode() for uri in uris]
+    assert rule.hits == 1 and proxy.count(method="GET", key_contains="img002") == 2
+    # the other objects of the batch were fetched once: the request was retried, not the batch
+    assert proxy.count(method="GET", key_contains="img001") == 1
+    assert proxy.count(method="GET", key_contains="img003") == 1
+
+
+def test_streaming_reads_are_retried_request_by_request(proxied):
+    proxy, (first, _, _) = proxied
+    with storage.open_read(first) as handle:
+        rule = proxy.fail(method="GET", key_contains="img001", mode="503", times=1)
+        assert handle.read() == first.encode()  # fetched after open_read returned
+    assert rule.hits == 1
+
+
+def test_a_body_broken_after_its_response_began_is_retried_by_us(proxied):
+    proxy, (_, second, _) = proxied
+    # botocore's retries end with the response headers; the broken body is retry()'s to redo
+    rule = proxy.fail(method="GET", key_contains="img002", mode="truncate", times=1)
+    assert storage.read_bytes(second) == second.encode()
+    assert rule.hits == 1 and proxy.count(method="GET", key_contains="img002") == 2
+    proxy.fail(method="GET", key_contains="img002", mode="truncate")
+    with pytest.raises(storage.StorageError, match=r"img002.jpg.*gave up after 3 attempts"):
+        storage.read_bytes(second)

@@ -15,6 +15,7 @@ from shared.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDecodeError,
+    center_crop,
     decode_image,
     decode_png,
     encode_jpeg,
@@ -281,6 +282,13 @@ def test_resize_image_batch_equals_single():
     assert torch.allclose(out[1], resize_image(batch[1], (17, 23)))
 
 
+def test_uint8_images_resize_as_their_float_values_rounded():
+    # the same numbers on every device: not torchvision's CPU-only uint8 kernel
+    image = torch.from_numpy(_smooth_rgb(61, 83)).permute(2, 0, 1)  # (3, 61, 83) uint8
+    expected = resize_image(image.float(), (40, 29)).round().clamp(0, 255).to(torch.uint8)
+    assert torch.equal(resize_image(image, (40, 29)), expected)
+
+
 def test_resize_labels_hand_worked_indices():
     # centre-aligned nearest: source = floor((i + 1/2) * in / out)
     row = torch.arange(5).reshape(1, 5)
@@ -317,6 +325,30 @@ def test_labels_stay_aligned_with_the_image():
         interior = (out_image[0] * 64.0 - recovered).abs() < 1e-3  # away from blurred edges
         assert interior.float().mean() > 0.6
         assert torch.equal(recovered[interior], out_labels[interior])
+
+
+def test_center_crop_rounds_odd_margins_as_torchvision_does():
+    # top = round((H - h) / 2) with Python's round: halves go to the even neighbour
+    grid = torch.arange(7 * 9).reshape(7, 9)
+    assert torch.equal(center_crop(grid, (2, 4)), grid[2:4, 2:6])  # margins 2.5, 2.5 -> 2, 2
+    assert torch.equal(center_crop(grid, (4, 2)), grid[2:6, 4:6])  # margins 1.5, 3.5 -> 2, 4
+    assert torch.equal(center_crop(grid, (7, 8)), grid[:, 0:8])  # margin 0.5 -> 0
+    assert torch.equal(center_crop(grid, (5, 6)), grid[1:6, 2:8])  # margins 1, 1.5 -> 1, 2
+
+
+def test_center_crop_equals_torchvision_on_every_odd_and_even_size():
+    from torchvision.transforms.functional import center_crop as tv_center_crop
+
+    for height in range(5, 13):
+        for width in (height, height + 3):
+            image = torch.arange(3 * height * width).reshape(3, height, width)
+            for crop_h in range(1, height + 1):
+                for crop_w in (crop_h, max(1, crop_h - 1)):
+                    if crop_w > width:
+                        continue
+                    ours = center_crop(image, (crop_h, crop_w))
+                    assert torch.equal(ours, tv_center_crop(image, [crop_h, crop_w])), \
+                        (height, width, crop_h, crop_w)
 
 
 def test_batched_geometry_equals_per_image():

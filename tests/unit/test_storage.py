@@ -5,12 +5,13 @@ from __future__ import annotations
 import errno
 import os
 import uuid
+from types import SimpleNamespace
 from typing import TypeVar
 
 import pyarrow as pa
 import pytest
 
-from shared import storage, storage_policy
+from shared import storage, storage_policy, storage_s3
 
 
 @pytest.fixture
@@ -105,6 +106,25 @@ def test_local_atomic_write_is_a_rename_into_place(tmp_path):
     assert storage.read_text(uri) == "héllo"
     assert os.listdir(tmp_path) == ["f.txt"]
     assert os.stat(uri).st_mode & 0o044  # umask-respecting mode, not mkstemp's 0600
+
+
+def test_local_write_bytes_replaces_the_file_and_never_writes_into_it(tmp_path, monkeypatch):
+    path = tmp_path / "marker.json"
+    path.write_bytes(b"old")
+    held = tmp_path / "held-by-a-reader"
+    os.link(path, held)  # a reader that opened the old file: same inode, its bytes must stay
+    storage.write_bytes(str(path), b"new")
+    assert path.read_bytes() == b"new" and held.read_bytes() == b"old"
+    assert os.stat(path).st_ino != os.stat(held).st_ino  # a new file was renamed into place
+
+    def failing_fsync(fd):
+        raise OSError(5, "disk failed while flushing")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)  # the write fails after its bytes went out
+    with pytest.raises(OSError, match="disk failed"):
+        storage.write_bytes(str(path), b"newer")
+    assert path.read_bytes() == b"new"  # the old object, whole
+    assert sorted(os.listdir(tmp_path)) == ["held-by-a-reader", "marker.json"]  # no temp file
 
 
 def test_json_and_parquet_round_trip_and_parquet_is_deterministic(memroot, tmp_path):
@@ -361,7 +381,9 @@ def test_s3_filesystem_carries_the_timeouts_of_the_environment(monkeypatch, defa
     fs1, _ = storage.url_to_fs("s3://bucket/a")
     assert fs1.config_kwargs["connect_timeout"] == 5.0
     assert fs1.config_kwargs["read_timeout"] == 15.0
-    assert fs1.config_kwargs["retries"] == {"total_max_attempts": 1} and fs1.retries == 1
+    # botocore retries each request (5 tries in all); s3fs's own loop would repeat them
+    assert fs1.config_kwargs["retries"] == {"mode": "standard", "total_max_attempts": 5}
+    assert fs1.retries == 1
     monkeypatch.setenv("DIP_STORAGE_READ_TIMEOUT", "2.5")
     fs2, _ = storage.url_to_fs("s3://bucket/a")
     assert fs2 is not fs1 and fs2.config_kwargs["read_timeout"] == 2.5
@@ -376,6 +398,86 @@ def test_giving_up_names_the_uri_the_attempts_and_the_time(monkeypatch):
     with pytest.raises(storage.StorageError, match=pattern) as info:
         storage._call("read", "s3://b/k", fn)
     assert fn.calls == 3 and storage.is_environment_error(info.value)
+
+
+# --------------------------------------------------------------------------- botocore's retries
+
+
+def _botocore_retried(exc: BaseException, attempts: int) -> BaseException:
+    setattr(exc, storage.CLIENT_ATTEMPTS_ATTRIBUTE, attempts)  # what bound_requests records
+    return exc
+
+
+def test_retry_does_not_repeat_a_request_botocore_already_retried():
+    from s3fs.errors import translate_boto_error
+
+    fn = Flaky(9, _botocore_retried(TimeoutError("slow"), 4))
+    with pytest.raises(storage.StorageError, match=r"gave up after 4 attempts"):
+        storage._call("read", "s3://b/k", fn)
+    assert fn.calls == 1
+    throttled = _client_error("SlowDown", 503)
+    throttled.response["ResponseMetadata"]["RetryAttempts"] = 2  # as botocore returns it
+    fn = Flaky(9, translate_boto_error(throttled))
+    with pytest.raises(storage.StorageError, match=r"k failed \(gave up after 3 attempts"):
+        storage._call("read", "s3://b/k", fn)
+    assert fn.calls == 1 and storage.client_attempts(fn.exc) == 3
+    # a transient failure botocore never saw (a body broken mid-way) is ours to retry
+    fn = Flaky(2, _client_error("SlowDown", 503))
+    assert storage.retry(fn, attempts=3, sleep=lambda s: None)[0] == "ok" and fn.calls == 3
+    assert storage.client_attempts(fn.exc) is None
+
+
+def _emitter_with_bounds():
+    """A botocore event emitter as an S3 client has it: our bounds, then botocore's handler."""
+    from botocore.hooks import HierarchicalEmitter
+
+    events = HierarchicalEmitter()
+    events.register("needs-retry.s3", lambda **kwargs: 0.25, unique_id="retry-config-s3")
+    storage_s3.bound_requests(events)
+    return events
+
+
+def _attempt(events, clock: FakeClock, context: dict, attempts: int, seconds: float):
+    """One failed attempt of ``seconds``; returns (botocore's verdict, the error)."""
+    from botocore.hooks import first_non_none_response
+
+    events.emit("request-created.s3.GetObject", request=SimpleNamespace(context=context),
+                operation_name="GetObject")
+    clock.now += seconds
+    error = TimeoutError("read timeout")
+    responses = events.emit("needs-retry.s3.GetObject", response=None, endpoint=None,
+                            operation=None, attempts=attempts, caught_exception=error,
+                            request_dict={"context": context})
+    return first_non_none_response(responses), error
+
+
+def test_botocore_retries_only_what_can_end_within_the_deadline(monkeypatch, default_bounds):
+    monkeypatch.setenv("DIP_STORAGE_CONNECT_TIMEOUT", "1")
+    monkeypatch.setenv("DIP_STORAGE_READ_TIMEOUT", "1")
+    monkeypatch.setenv("DIP_STORAGE_DEADLINE", "10")
+    clock = FakeClock()
+    monkeypatch.setattr(storage_s3, "time", SimpleNamespace(monotonic=clock))
+    events, context = _emitter_with_bounds(), {}
+    verdicts = []
+    for attempts in (1, 2, 3):
+        verdict, error = _attempt(events, clock, context, attempts, seconds=0.5)
+        verdicts.append(verdict)
+        assert storage.client_attempts(error) == attempts
+        clock.sleep(storage.botocore_backoff(attempts - 1))  # botocore's longest wait
+    # ends at 0.5 (+1 +2 <= 10), 2.0 (+2 +2 <= 10), 4.5 (+4 +2 > 10): botocore's delay twice
+    assert verdicts == [0.25, 0.25, False]
+
+
+def test_the_deadline_counts_the_longest_attempt_so_far(monkeypatch, default_bounds):
+    monkeypatch.setenv("DIP_STORAGE_CONNECT_TIMEOUT", "1")
+    monkeypatch.setenv("DIP_STORAGE_READ_TIMEOUT", "1")
+    monkeypatch.setenv("DIP_STORAGE_DEADLINE", "10")
+    clock = FakeClock()
+    monkeypatch.setattr(storage_s3, "time", SimpleNamespace(monotonic=clock))
+    events = _emitter_with_bounds()
+    assert _attempt(events, clock, {}, 1, seconds=4.0)[0] == 0.25  # 4 + 1 + 4 <= 10
+    assert _attempt(events, clock, {}, 1, seconds=4.6)[0] is False  # 4.6 + 1 + 4.6 > 10
+    assert _attempt(events, clock, {}, 1, seconds=0.1)[0] == 0.25  # a new request, a new budget
 
 
 # --------------------------------------------------------------------------- environment or object
@@ -465,7 +567,7 @@ def test_credential_failures_are_a_storage_error_naming_the_uri(name, fields):
 @pytest.fixture
 def no_credentials(monkeypatch, default_bounds):
     """An environment with no AWS credentials anywhere, on a fresh S3 filesystem."""
-    import s3fs
+    from shared.storage_s3 import BoundedS3FileSystem
 
     for key in list(os.environ):
         if key.startswith("AWS_"):
@@ -476,9 +578,9 @@ def no_credentials(monkeypatch, default_bounds):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     # signing fails before any connection; a closed loopback port in case it ever did not
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9004")
-    s3fs.S3FileSystem.clear_instance_cache()
+    BoundedS3FileSystem.clear_instance_cache()
     yield
-    s3fs.S3FileSystem.clear_instance_cache()
+    BoundedS3FileSystem.clear_instance_cache()
 
 
 @pytest.mark.parametrize("partial", [False, True], ids=["none", "partial"])
