@@ -1,7 +1,7 @@
 """The paper's pictures, as PNG files at any URI.
 
 - correlation maps: one query patch's cosine similarity to every patch of a reference image,
-  for two (or more) encoders side by side;
+  for two (or more) encoders side by side, on one colour scale shown by a colour bar;
 - retrieved-label segmentations next to the ground truth;
 - a pseudo in-context task from a label set: query, positive, and their pseudo-labels.
 """
@@ -53,16 +53,20 @@ def _prepare(image: np.ndarray, size: int) -> torch.Tensor:
     return eval_geometry(to_tensor(image), None, size)[0].clamp(0, 1)
 
 
-def plot_correlation(query_image: np.ndarray, reference_image: np.ndarray,
-                     patch: tuple[int, int], encoders: list[tuple[str, object]], size: int,
-                     uri: str) -> list[np.ndarray]:
+CORRELATION_CMAP = "inferno"  # one colour map and one scale, -1..1, for every encoder's panel
+
+
+def correlation_figure(query_image: np.ndarray, reference_image: np.ndarray,
+                       patch: tuple[int, int], encoders: list[tuple[str, object]], size: int
+                       ) -> tuple[Figure, list[np.ndarray]]:
     """Query image with the chosen patch (row, col) boxed, then one heat map per encoder on the
-    reference image. Returns the correlation maps (h, w)."""
+    reference image, all on the same colour scale, with a colour bar of the cosine similarity.
+    Returns the figure and the correlation maps (h, w)."""
     q_img, r_img = _prepare(query_image, size), _prepare(reference_image, size)
-    fig = Figure(figsize=(3.2 * (1 + len(encoders)), 3.4))
+    fig = Figure(figsize=(3.2 * (1 + len(encoders)) + 0.8, 3.4))
     axes = fig.subplots(1, 1 + len(encoders))
     axes[0].imshow(q_img.permute(1, 2, 0).numpy())
-    maps = []
+    maps, heat = [], None
     for ax, (label, backbone) in zip(axes[1:], encoders, strict=True):
         device = next(backbone.parameters()).device
         with torch.inference_mode():
@@ -71,8 +75,8 @@ def plot_correlation(query_image: np.ndarray, reference_image: np.ndarray,
         corr = correlation_map(dense[0, row, col], dense[1]).numpy()  # (h, w)
         maps.append(corr)
         ax.imshow(r_img.permute(1, 2, 0).numpy())
-        ax.imshow(corr, cmap="inferno", alpha=0.6, extent=(0, size, size, 0),
-                  interpolation="bilinear", vmin=-1, vmax=1)
+        heat = ax.imshow(corr, cmap=CORRELATION_CMAP, alpha=0.6, extent=(0, size, size, 0),
+                         interpolation="bilinear", vmin=-1, vmax=1)
         ax.set_title(label)
     p = encoders[0][1].patch_size
     axes[0].add_patch(Rectangle((patch[1] * p, patch[0] * p), p, p, fill=False,
@@ -80,6 +84,17 @@ def plot_correlation(query_image: np.ndarray, reference_image: np.ndarray,
     axes[0].set_title("query patch")
     for ax in axes:
         ax.axis("off")
+    bar = fig.colorbar(heat, ax=list(axes[1:]), fraction=0.046, pad=0.02)
+    bar.set_label("cosine similarity to the query patch")
+    bar.solids.set_alpha(1)  # the scale at full strength, not faded like the overlay
+    return fig, maps
+
+
+def plot_correlation(query_image: np.ndarray, reference_image: np.ndarray,
+                     patch: tuple[int, int], encoders: list[tuple[str, object]], size: int,
+                     uri: str) -> list[np.ndarray]:
+    """:func:`correlation_figure` written as PNG to ``uri``; returns the correlation maps."""
+    fig, maps = correlation_figure(query_image, reference_image, patch, encoders, size)
     save_figure(fig, uri)
     return maps
 

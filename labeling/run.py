@@ -53,7 +53,7 @@ def classify(exc: BaseException) -> int | None:
 def main(
     images: Annotated[str | None, typer.Option(help="image folder URI; 'synthetic' = built-in scenes")] = None,
     out: Annotated[str | None, typer.Option(help="label set URI (local path or s3://...)")] = None,
-    backbone: Annotated[str | None, typer.Option(help="encoder for pooling and pairs, e.g. vits14")] = None,
+    backbone: Annotated[str | None, typer.Option(help="encoder for pooling and pairs, e.g. vits14 (default: the one the --weights file records, else vits14)")] = None,
     weights: Annotated[str | None, typer.Option(help="'hub' or a weight file for the encoder")] = None,
     segmenter: Annotated[str | None, typer.Option(help="segmenter: diffcut (default) or felzenszwalb (a CPU baseline), or package.module:factory for your own")] = None,
     classes: Annotated[int | None, typer.Option(help="K, the number of pseudo-classes")] = None,
@@ -71,6 +71,7 @@ def main(
     """Label an image collection: DiffCut segments, pseudo-classes, query/positive pairs."""
     from labeling.config import LabelConfig
     from labeling.pipeline import run_labeling
+    from shared.backbones import backbone_override
     from shared.config import deep_merge, load_config, parse_overrides
 
     flags = {"images": images, "out": out, "backbone": backbone, "weights": weights,
@@ -82,7 +83,10 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         # precedence: defaults <- YAML file <- --set overrides <- explicit flags
-        cfg = load_config(LabelConfig, config, deep_merge(parse_overrides(set_ or []), flags))
+        merged = deep_merge(parse_overrides(set_ or []), flags)
+        cfg = load_config(LabelConfig, config, merged)
+        if inferred := backbone_override(cfg):  # no backbone given: the weight file's own
+            cfg = load_config(LabelConfig, config, deep_merge(merged, inferred))
         summary = run_labeling(cfg, address=address or os.environ.get("RAY_ADDRESS"),
                                progress=not quiet, resume=resume)
     except Exception as exc:

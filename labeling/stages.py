@@ -26,10 +26,14 @@ from labeling.config import LabelConfig
 from labeling.pseudo_classes import class_areas, pool_segment_features, pseudo_label_map
 from labeling.quality import confusion_entries
 from shared import storage
+from shared.devices import default_device
 from shared.images import decode_image, decode_png, encode_png, resize_image
 from shared.labelset import LabelSetWriter
+from shared.seeds import derive_seed
 
 log = logging.getLogger(__name__)
+# keys of the random streams of a run's random-init models (shared.seeds.derive_seed)
+SEGMENTER_STREAM, BACKBONE_STREAM = 0, 1
 
 
 class ShardEnvironmentError(RuntimeError):
@@ -66,14 +70,14 @@ class LabelingModels:
              ) -> LabelingModels:
         from shared.backbones import load_backbone
 
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = default_device(device)
         # random-init (tiny) models must be the same in every actor of every stage, whether or
         # not it builds the segmenter: each model draws from a generator seeded for it alone
         seg = None
         if segmenter:
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(derive_seed(cfg.seed, SEGMENTER_STREAM))
             seg = build_segmenter(cfg, dev)
-        torch.manual_seed(cfg.seed + 1)
+        torch.manual_seed(derive_seed(cfg.seed, BACKBONE_STREAM))
         backbone = load_backbone(cfg.backbone, weights=cfg.weights, tiny=cfg.tiny, device=dev)
         backbone.eval()
         return cls(seg, backbone, dev, cfg.feature_size)
@@ -97,19 +101,15 @@ def build_segmenter(cfg: LabelConfig, device: torch.device):
         return get_segmenter("felzenszwalb", config=cfg.felzenszwalb, device=device)
     if cfg.segmenter != "diffcut":
         return get_segmenter(cfg.segmenter, device=device)
-    from labeling.diffcut import DiffCutFeatureExtractor, encode_empty_prompt, tiny_sdxl_components
+    from labeling.diffcut import tiny_extractor
 
     dc = cfg.diffcut
     options = dict(resolution=dc.resolution, timestep=dc.timestep, seed=dc.seed, device=device,
                    vae_dtype=getattr(torch, dc.vae_dtype), noise_device=dc.noise_device,
                    antialias=dc.antialias)  # the preset's values, resolved by DiffCutConfig
     extractor = None
-    if cfg.tiny:
-        parts = tiny_sdxl_components(seed=cfg.seed)
-        prompt = encode_empty_prompt([parts["tokenizer"], parts["tokenizer_2"]],
-                                     [parts["text_encoder"], parts["text_encoder_2"]])
-        extractor = DiffCutFeatureExtractor(parts["unet"], parts["vae"], parts["scheduler"],
-                                            prompt, **options)
+    if cfg.tiny:  # the pipeline's weights from the run's seed, the noise from DiffCut's
+        extractor = tiny_extractor(cfg.seed, **options)
         options = {}
     return get_segmenter("diffcut", extractor=extractor, source=dc.model, tau=dc.tau,
                          alpha=dc.alpha, batch_size=cfg.batch_size, use_pamr=dc.pamr, **options)

@@ -1,36 +1,46 @@
 """Registry of ViT encoders (timm), with dense and global feature extraction and weight files.
 
-Every registered backbone is a timm ``VisionTransformer`` built with ``num_classes=0`` and
+Every registered backbone is a timm ViT (``VisionTransformer``; ``Eva`` for DINOv3, whose
+rotary position embeddings replace the learned ones) built with ``num_classes=0`` and
 ``dynamic_img_size=True``, so any input whose sides are multiples of the patch size works (the
-position embeddings are interpolated). Images come in as float RGB in [0, 1]; the backbone applies
-its own mean/std, so data pipelines do not depend on which encoder runs.
+position embeddings are interpolated, or the rotary ones computed for the grid). Images come in
+as float RGB in [0, 1]; the backbone applies its own mean/std, so data pipelines do not depend on
+which encoder runs.
 
     dense  = last-layer patch tokens after the final norm, prefix (CLS + registers) removed
              -> (B, H/p, W/p, D)
     global = CLS token after the final norm -> (B, D)
 
 Weights come from the model hub (``"hub"``), a file at any path or fsspec URI (safetensors, or a
-torch state dict read with ``weights_only=True``), or nowhere (``None``: random init).
+torch state dict read with ``weights_only=True``; see shared/weight_files.py), or nowhere
+(``None``: random init). An exported safetensors file records its backbone and whether it is
+tiny in its metadata, so the file alone says what to build (:func:`backbone_from_weights`).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import timm
 import torch
-from fsspec.implementations.local import LocalFileSystem
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from shared import storage
+from shared import provenance, storage
+from shared.devices import default_device
+from shared.weight_files import (  # noqa: F401  (re-exported: the API always lived here)
+    KEY_PREFIXES,
+    NESTING_KEYS,
+    WeightsError,
+    canonical_safetensors,
+    load_state_dict_strict,
+    read_metadata,
+    read_state_dict,
+    read_weights,
+    unwrap_state_dict,
+)
 
 # Architecture of every tiny variant: the same timm class and options, only smaller.
 TINY_ARGS = {"embed_dim": 32, "depth": 4, "num_heads": 2}
@@ -38,30 +48,22 @@ TINY_ARGS = {"embed_dim": 32, "depth": 4, "num_heads": 2}
 # weights that are then pretrained at length) would leave a random tiny encoder's blocks switched
 # off: its output is its patch embedding, and a few hundred post-training steps barely wake them.
 TINY_LAYER_SCALE = 1.0
-# Wrappers that training code and checkpoint formats put around a timm state dict.
-NESTING_KEYS = ("state_dict", "model", "encoder")
-KEY_PREFIXES = ("module.", "backbone.", "model.")
-_LISTED = 5  # how many offending keys an error message shows per kind
-
-
-class WeightsError(ValueError):
-    """A weight file does not match the backbone: names the file and the offending keys."""
+NOT_FILES = ("hub", "random")  # weights values that name no file
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """One registered encoder: its timm id and everything a pipeline needs to feed it."""
+    """One registered encoder: its timm id and everything a pipeline needs to feed it.
+
+    The architecture's sizes (width, depth, heads, prefix tokens) are timm's: read them from the
+    built model (``Backbone.embed_dim``, ``Backbone.num_prefix_tokens``), never from a copy here.
+    """
 
     name: str
     timm_id: str  # "<architecture>.<pretrained tag>", as timm.create_model takes it
     patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    num_prefix_tokens: int  # CLS + register tokens in front of the patch tokens
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    input_size: int  # training crop (Resize 256 + CenterCrop 224)
     label_input_size: int  # labeling: whole image resized to a 32 x 32 patch grid
     eval_input_size: int  # in-context evaluation
     hub_id: str  # Hugging Face repository timm pulls the pretrained weights from
@@ -73,34 +75,44 @@ class BackboneSpec:
         return self.timm_id.split(".", 1)[0]
 
 
-def _dinov2_reg(name: str, size: str, dim: int, depth: int, heads: int) -> BackboneSpec:
+def _dinov2_reg(name: str, size: str) -> BackboneSpec:
     timm_id = f"vit_{size}_patch14_reg4_dinov2.lvd142m"
     return BackboneSpec(
-        name=name, timm_id=timm_id, patch_size=14, embed_dim=dim, depth=depth, num_heads=heads,
-        num_prefix_tokens=5, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        input_size=224, label_input_size=448, eval_input_size=504, hub_id=f"timm/{timm_id}",
-        layer_scale=True,
+        name=name, timm_id=timm_id, patch_size=14, mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD, label_input_size=448, eval_input_size=504,
+        hub_id=f"timm/{timm_id}", layer_scale=True,
+    )
+
+
+def _dinov3(name: str, size: str) -> BackboneSpec:
+    # CLS + 4 registers ("storage tokens") like DINOv2R; rotary positions, LayerScale, /16
+    timm_id = f"vit_{size}_patch16_dinov3.lvd1689m"
+    return BackboneSpec(
+        name=name, timm_id=timm_id, patch_size=16, mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD, label_input_size=512, eval_input_size=512,
+        hub_id=f"timm/{timm_id}", layer_scale=True,
     )
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "vits14": _dinov2_reg("vits14", "small", 384, 12, 6),
-    "vitb14": _dinov2_reg("vitb14", "base", 768, 12, 12),
-    "vitl14": _dinov2_reg("vitl14", "large", 1024, 24, 16),
+    "vits14": _dinov2_reg("vits14", "small"),
+    "vitb14": _dinov2_reg("vitb14", "base"),
+    "vitl14": _dinov2_reg("vitl14", "large"),
     # OpenAI CLIP was trained with QuickGELU; timm's plain "clip" variant would swap in exact GELU
     # on the same weights. Both read the same hub repository.
     "clip_vitb16": BackboneSpec(
         name="clip_vitb16", timm_id="vit_base_patch16_clip_quickgelu_224.openai", patch_size=16,
-        embed_dim=768, depth=12, num_heads=12, num_prefix_tokens=1, mean=OPENAI_CLIP_MEAN,
-        std=OPENAI_CLIP_STD, input_size=224, label_input_size=512, eval_input_size=512,
+        mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, label_input_size=512, eval_input_size=512,
         hub_id="timm/vit_base_patch16_clip_224.openai",
     ),
     "mae_vitb16": BackboneSpec(
-        name="mae_vitb16", timm_id="vit_base_patch16_224.mae", patch_size=16, embed_dim=768,
-        depth=12, num_heads=12, num_prefix_tokens=1, mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD, input_size=224, label_input_size=512, eval_input_size=512,
-        hub_id="timm/vit_base_patch16_224.mae",
+        name="mae_vitb16", timm_id="vit_base_patch16_224.mae", patch_size=16,
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, label_input_size=512,
+        eval_input_size=512, hub_id="timm/vit_base_patch16_224.mae",
     ),
+    "dinov3_vits16": _dinov3("dinov3_vits16", "small"),
+    "dinov3_vitb16": _dinov3("dinov3_vitb16", "base"),
+    "dinov3_vitl16": _dinov3("dinov3_vitl16", "large"),
 }
 
 
@@ -136,10 +148,11 @@ def create_timm_model(
 class Backbone(nn.Module):
     """A timm ViT behind one interface: [0,1] RGB images in, dense and global features out."""
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module):
+    def __init__(self, spec: BackboneSpec, model: nn.Module, tiny: bool = False):
         super().__init__()
         self.spec = spec
         self.model = model
+        self.tiny = tiny  # the tiny variant of the spec's architecture (recorded in exports)
         # Non-persistent: the state dict stays exactly the timm model's (under "model.").
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
@@ -213,90 +226,6 @@ class Backbone(nn.Module):
         return self.dense_features(images)
 
 
-def _read_bytes(uri: str) -> bytes:
-    """The bytes of a weight file; FileNotFoundError says where it looked."""
-    if not storage.isfile(uri):
-        fs, path = storage.url_to_fs(uri)
-        where = os.path.abspath(path) if isinstance(fs, LocalFileSystem) else uri
-        raise FileNotFoundError(f"backbone weight file not found: {uri} (looked at {where})")
-    return storage.read_bytes(uri)
-
-
-def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file or torch checkpoint (weights_only), unwrapped, unprefixed."""
-    data = _read_bytes(uri)
-    try:
-        if uri.endswith(".safetensors"):
-            raw = safetensors_load(data)
-        else:
-            raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"cannot read backbone weights from {uri}: {exc}") from exc
-    return unwrap_state_dict(raw, uri)
-
-
-def unwrap_state_dict(raw: object, uri: str = "<state dict>") -> dict[str, torch.Tensor]:
-    """Take the state dict out of "state_dict"/"model"/"encoder" wrappers; drop shared prefixes."""
-    while isinstance(raw, Mapping):
-        inner = [k for k in NESTING_KEYS if isinstance(raw.get(k), Mapping)]
-        if not inner:
-            break
-        raw = raw[inner[0]]
-    if not isinstance(raw, Mapping) or not raw:
-        raise WeightsError(f"{uri} holds no state dict (got {type(raw).__name__})")
-    state = dict(raw)
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in KEY_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                stripped = True
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise WeightsError(f"{uri}: entries that are not tensors: {bad[:_LISTED]}")
-    return state
-
-
-def _foreign_format(state: Mapping[str, torch.Tensor]) -> bool:
-    """True for the original DINOv2 / OpenAI CLIP checkpoint layouts that timm converts."""
-    return "mask_token" in state or "visual.class_embedding" in state
-
-
-def _listing(keys: list[str]) -> str:
-    more = f" ... (+{len(keys) - _LISTED} more)" if len(keys) > _LISTED else ""
-    return ", ".join(keys[:_LISTED]) + more
-
-
-def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], uri: str) -> None:
-    """Load every tensor of a timm-layout state dict; mismatches raise WeightsError (names file)."""
-    if _foreign_format(state):
-        state = checkpoint_filter_fn(dict(state), model)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in set(state) & set(expected)
-        if state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or shapes:
-        lines = [f"weights in {uri} do not match the backbone:"]
-        if missing:
-            lines.append(f"  missing keys: {_listing(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys: {_listing(unexpected)}")
-        if shapes:
-            lines.append(f"  shape mismatches: {_listing(shapes)}")
-            lines.append("  (weights of a tiny backbone load only with tiny=True, and vice versa)")
-        raise WeightsError("\n".join(lines))
-    model.load_state_dict(state, strict=True)
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_backbone(
     name: str,
     weights: str | os.PathLike | None = "hub",
@@ -321,24 +250,92 @@ def load_backbone(
     else:
         model = create_timm_model(spec, tiny=tiny)
         if weights is not None and weights != "hub":
-            uri = os.fspath(weights)
-            load_state_dict_strict(model, read_state_dict(uri), uri)
-    backbone = Backbone(spec, model)
-    return backbone.to(device or _default_device()).eval()
+            _load_file(model, spec, os.fspath(weights), tiny)
+    backbone = Backbone(spec, model, tiny=tiny)
+    return backbone.to(default_device(device)).eval()
 
 
-def canonical_safetensors(data: bytes) -> bytes:
-    """The same safetensors file with its JSON header in sorted key order, compact, space-padded.
+def _load_file(model: nn.Module, spec: BackboneSpec, uri: str, tiny: bool) -> None:
+    """Strictly load a weight file; its recorded tiny flag must match, its recorded backbone is
+    named when the weights do not fit (an explicit backbone wins over the file's)."""
+    state, meta = read_weights(uri)
+    if meta.get("tiny") in ("true", "false") and (meta["tiny"] == "true") != tiny:
+        recorded_tiny = meta["tiny"] == "true"
+        size, flag = ("tiny", "with --tiny") if recorded_tiny else ("full-size", "without --tiny")
+        raise WeightsError(f"{uri} holds the weights of a {size} {meta.get('backbone', 'backbone')}"
+                           f": load it with tiny={recorded_tiny} (on the command line: {flag})")
+    try:
+        load_state_dict_strict(model, state, uri)
+    except WeightsError as exc:
+        recorded = meta.get("backbone")
+        if recorded and recorded != spec.name:
+            raise WeightsError(f"{exc}\n  (the file records backbone {recorded!r}, not "
+                               f"{spec.name!r}: leave the backbone out to use the file's)") from None
+        raise
 
-    safetensors writes the metadata map in hash order, which changes from call to call; sorted
-    keys (tensor names and metadata alike) make equal states give equal bytes. The data section
-    is untouched: its offsets are relative to its own start.
+
+def backbone_from_weights(weights: str | os.PathLike | None) -> str | None:
+    """The registered backbone a safetensors weight file records in its metadata, else None.
+
+    None also for "hub", "random", no weights, a torch file, or a file that is not there yet
+    (whoever loads it reports that). A recorded name that is not registered is a WeightsError.
     """
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + size])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # keep the data section 8-byte aligned, as safetensors does
-    return len(text).to_bytes(8, "little") + text + data[8 + size :]
+    if weights is None or os.fspath(weights) in NOT_FILES:
+        return None
+    uri = os.fspath(weights)
+    if not uri.endswith(".safetensors") or not storage.isfile(uri):
+        return None
+    name = read_metadata(uri).get("backbone")
+    if name is not None and name not in BACKBONES:
+        raise WeightsError(f"{uri} records backbone {name!r}, which is not registered; known "
+                           f"backbones: {', '.join(list_backbones())}")
+    return name
+
+
+def backbones_for_weights(weights: list[str]) -> list[str] | None:
+    """Backbones for a list of weights whose files record theirs (evaluation pairs them).
+
+    One recorded name serves every entry ("hub" and "random" included); different names need a
+    file per entry, zipped in order; None when no file records one.
+    """
+    names = [backbone_from_weights(w) for w in weights]
+    known = sorted({n for n in names if n})
+    if len(known) <= 1:
+        return known or None
+    if any(n is None for n in names):
+        raise WeightsError(f"the weight files record different backbones ({', '.join(known)}) and "
+                           "some weights name none (hub/random/torch files): pass the backbones")
+    return names
+
+
+def backbone_override(cfg, field: str = "backbone") -> dict:
+    """``{field: name}`` to resolve a stage config again with, when it leaves ``field`` unset
+    (default, no YAML key, no flag) and its ``weights`` file records a backbone; else {}.
+
+    An explicitly given backbone always wins. ``field="backbones"`` (evaluation) takes a list.
+    """
+    if field in cfg.model_fields_set:
+        return {}
+    weights = cfg.weights
+    names = (backbones_for_weights(weights) if isinstance(weights, list)
+             else backbone_from_weights(weights))
+    return {field: names} if names else {}
+
+
+def weights_identity(name: str, weights: str | os.PathLike | None = "hub", tiny: bool = False,
+                     seed: int | None = None) -> dict:
+    """What the weights ``load_backbone(name, weights, tiny)`` loads are, by content.
+
+    A weight file: its sha256; "hub": the timm id, its hub repository and the revision the local
+    cache holds; random init (None, "random", or "hub" with ``tiny``): ``seed``, the seed the
+    caller draws the initial weights from. See shared/provenance.py.
+    """
+    spec = get_spec(name)
+    if weights is None or weights == "random" or (weights == "hub" and tiny):
+        return provenance.random_identity(seed)
+    if weights == "hub":
+        return provenance.hub_identity(spec.hub_id, timm_id=spec.timm_id)
+    return provenance.path_identity(weights)
 
 
 def save_backbone(backbone: Backbone | nn.Module, path: str | os.PathLike) -> None:
@@ -353,5 +350,6 @@ def save_backbone(backbone: Backbone | nn.Module, path: str | os.PathLike) -> No
     state = {k: v.detach().cpu().contiguous() for k, v in sorted(model.state_dict().items())}
     meta = {"format": "timm"}
     if isinstance(backbone, Backbone):
-        meta.update(backbone=backbone.spec.name, timm_id=backbone.spec.timm_id)
+        meta.update(backbone=backbone.spec.name, timm_id=backbone.spec.timm_id,
+                    tiny="true" if backbone.tiny else "false")
     storage.write_bytes(uri, canonical_safetensors(safetensors_save(state, metadata=meta)))

@@ -22,25 +22,30 @@ def resolve_config(
     overrides: list[str] | None = None,
     flags: dict[str, Any] | None = None,
 ) -> TrainConfig:
-    """Defaults <- YAML file <- --set overrides <- explicit command-line flags."""
+    """Defaults <- YAML file <- --set overrides <- explicit command-line flags.
+
+    A backbone none of these sets comes from the weight file's metadata when it records one.
+    """
+    from shared.backbones import backbone_override
     from shared.config import deep_merge, load_config, parse_overrides
 
     merged = deep_merge(parse_overrides(overrides or []), {k: v for k, v in (flags or {}).items()
                                                            if v is not None})
-    return load_config(TrainConfig, config, merged)
+    cfg = load_config(TrainConfig, config, merged)
+    inferred = backbone_override(cfg)
+    return load_config(TrainConfig, config, deep_merge(merged, inferred)) if inferred else cfg
 
 
 def local_device(use_gpu: bool):
     """CUDA when present (or asked for), CPU otherwise; asking for a missing GPU is an error."""
-    import torch
+    from shared.devices import default_device
 
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if use_gpu:
+    device = default_device()
+    if use_gpu and device.type != "cuda":
         from shared.config import ConfigError
 
         raise ConfigError("--use-gpu was given but torch sees no CUDA device")
-    return torch.device("cpu")
+    return device
 
 
 def train_in_process(cfg: TrainConfig):
@@ -84,20 +89,19 @@ def ray_storage(out: str):
 
 def train_on_ray(cfg: TrainConfig):
     """Data-parallel training on Ray Train (DDP; gloo on CPU, nccl on GPU), restarted on failure."""
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from shared.ray_init import ensure_ray
     from training.loop import Runtime, prepare, resume_point, training_input
 
     workers = max(cfg.workers, 1)
     data, _ = prepare(cfg, Runtime(world_size=workers))  # bad input fails here, before any worker
     resume_point(cfg.out)  # so does a run none of whose checkpoints load
-    if cfg.packed_ray and not ray.is_initialized():  # the packed input is built by Ray tasks
-        ray.init(address=cfg.address)
+    if cfg.packed_ray:  # the packed input is built by Ray tasks
+        ensure_ray(cfg.address, log_to_driver=True)
     training_input(cfg, data, Runtime(world_size=workers))  # the driver builds a missing pack
-    if not ray.is_initialized():
-        ray.init(address=cfg.address)
+    ensure_ray(cfg.address, log_to_driver=True)  # the workers' output reaches this console
     storage_path, filesystem = ray_storage(cfg.out)
     trainer = TorchTrainer(
         _worker_loop,
@@ -123,7 +127,7 @@ def run_training(cfg: TrainConfig):
 
 @app.command()
 def main(
-    backbone: str = typer.Option(None, help="backbone registry name, e.g. vits14, vitb14, vitl14"),
+    backbone: str = typer.Option(None, help="backbone registry name, e.g. vits14, dinov3_vits16 (default: the one the --weights file records, else vits14)"),
     labels: str = typer.Option(None, help="label set URI (local path or s3://...)"),
     out: str = typer.Option(None, help="output URI for checkpoints, metrics and the encoder"),
     config: str = typer.Option(None, "--config", help="YAML file of TrainConfig overrides"),

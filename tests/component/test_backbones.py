@@ -33,9 +33,18 @@ EXPECTED_TIMM_IDS = {
     "vitl14": "vit_large_patch14_reg4_dinov2.lvd142m",
     "clip_vitb16": "vit_base_patch16_clip_quickgelu_224.openai",
     "mae_vitb16": "vit_base_patch16_224.mae",
+    "dinov3_vits16": "vit_small_patch16_dinov3.lvd1689m",
+    "dinov3_vitb16": "vit_base_patch16_dinov3.lvd1689m",
+    "dinov3_vitl16": "vit_large_patch16_dinov3.lvd1689m",
 }
+DINOV3 = [n for n in EXPECTED_TIMM_IDS if n.startswith("dinov3_")]
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+
+def expected_prefix(name: str) -> int:
+    """CLS, plus 4 register tokens for DINOv2R and DINOv3."""
+    return 1 if name in ("clip_vitb16", "mae_vitb16") else 5
 
 
 @functools.cache
@@ -97,17 +106,21 @@ def test_spec_matches_timm(name):
     assert spec.hub_id == cfg.hf_hub_id
     model = full_on_meta(name)
     assert model.patch_embed.patch_size == (spec.patch_size, spec.patch_size)
-    assert model.embed_dim == spec.embed_dim and len(model.blocks) == spec.depth
-    assert model.blocks[0].attn.num_heads == spec.num_heads
-    assert model.num_prefix_tokens == spec.num_prefix_tokens
-    assert spec.num_prefix_tokens == (5 if name.endswith("14") else 1)  # CLS (+ 4 registers)
+    assert model.num_prefix_tokens == expected_prefix(name)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_spec_input_sizes_follow_the_design(name):
+    from labeling.config import LabelConfig
+
     spec = get_spec(name)
-    assert spec.input_size == 224
     assert spec.label_input_size == 32 * spec.patch_size  # the 32 x 32 grid of DiffCut's tokens
+    assert spec.label_input_size == {14: 448, 16: 512}[spec.patch_size]
+    # labeling feeds the encoder at the spec's size unless the config says otherwise
+    assert LabelConfig(backbone=name).feature_size == spec.label_input_size
+    assert LabelConfig(backbone=name, feature_size=None).feature_size == spec.label_input_size
+    assert LabelConfig(backbone=name, feature_size=4 * spec.patch_size).feature_size == \
+        4 * spec.patch_size
     assert spec.eval_input_size == {14: 504, 16: 512}[spec.patch_size]
     mean, std = OPENAI_CLIP if name == "clip_vitb16" else IMAGENET
     assert spec.mean == pytest.approx(mean) and spec.std == pytest.approx(std)
@@ -122,7 +135,34 @@ def test_tiny_is_the_same_family(name):
     assert small.num_prefix_tokens == full.num_prefix_tokens
     assert type(small.norm_pre) is type(full.norm_pre)  # CLIP's pre-norm
     assert type(small.blocks[0].mlp.act) is type(full.blocks[0].mlp.act)  # CLIP's QuickGELU
-    assert type(small.blocks[0].ls1) is type(full.blocks[0].ls1)  # DINOv2's layer scale
+    if hasattr(full.blocks[0], "ls1"):  # DINOv2's layer scale (DINOv3's gammas are in the keys)
+        assert type(small.blocks[0].ls1) is type(full.blocks[0].ls1)
+
+
+def layer_scale_gammas(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of LayerScale gammas: timm's ViT ``ls1.gamma``, Eva's ``gamma_1``."""
+    return [k for k in model.state_dict() if k.endswith(("ls1.gamma", "ls2.gamma", "gamma_1",
+                                                         "gamma_2"))]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layer_scale_flag_matches_the_architecture(name):
+    full, small = full_on_meta(name), tiny(name).model
+    assert bool(layer_scale_gammas(full)) == get_spec(name).layer_scale
+    for key in layer_scale_gammas(small):  # a tiny variant's blocks are live from the start
+        assert torch.all(small.state_dict()[key] == backbones.TINY_LAYER_SCALE), key
+
+
+@pytest.mark.parametrize("name", DINOV3)
+def test_dinov3_is_timms_rotary_vit_with_four_registers_at_patch_16(name):
+    spec, full = get_spec(name), full_on_meta(name)
+    assert type(full).__name__ == "Eva" and full.pos_embed is None  # rotary positions only
+    assert full.num_prefix_tokens == 5 and full.reg_token.shape[1] == 4
+    assert spec.patch_size == 16 and spec.layer_scale
+    assert (spec.mean, spec.std) == (IMAGENET[0], IMAGENET[1])
+    size = name.removeprefix("dinov3_vit")[0]
+    assert (full.embed_dim, len(full.blocks)) == {"s": (384, 12), "b": (768, 12),
+                                                  "l": (1024, 24)}[size]
 
 
 # ---- features -------------------------------------------------------------------------------
@@ -144,7 +184,7 @@ def test_feature_shapes_and_values(name, index):
 def test_features_are_normalised_timm_tokens_without_prefix(name):
     backbone, x = tiny(name), images(name, 1)
     h, w = x.shape[2] // backbone.patch_size, x.shape[3] // backbone.patch_size
-    prefix = get_spec(name).num_prefix_tokens
+    prefix = expected_prefix(name)
     with torch.no_grad():
         dense, glob = backbone.features(x)
         ref = backbone.model.forward_features(hand_normalise(name, x))  # (B, prefix + h*w, D)
@@ -175,7 +215,7 @@ def test_dense_features_come_after_the_final_norm(name):
         hook.remove()
     assert len(seen) == 1  # one forward pass for both outputs
     tokens = F.layer_norm(seen[0], (32,), norm.weight, norm.bias, norm.eps)  # (B, P + h*w, D)
-    prefix = get_spec(name).num_prefix_tokens
+    prefix = expected_prefix(name)
     assert torch.allclose(dense.flatten(1, 2), tokens[:, prefix:], atol=1e-5)
     assert torch.allclose(glob, tokens[:, 0], atol=1e-5)
     assert torch.allclose(dense.mean(-1), torch.zeros(()), atol=1e-5)
@@ -288,6 +328,22 @@ def test_original_dinov2_checkpoint_layout_is_converted(tmp_path):
     x = images("vits14")
     with torch.no_grad():
         assert torch.allclose(loaded.dense_features(x), original.dense_features(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", DINOV3)
+def test_original_dinov3_checkpoint_layout_is_converted(name, tmp_path):
+    original, path = fresh(name, seed=11), tmp_path / "dinov3_original.pth"
+    sd = {}
+    for key, value in original.model.state_dict().items():
+        # DINOv3's own names: storage tokens, ls1/ls2 gammas; plus its pretraining extras
+        key = key.replace("reg_token", "storage_tokens")
+        key = key.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+        sd[key] = value
+    sd["mask_token"] = torch.zeros(1, 32)
+    sd["rope_embed.periods"] = torch.ones(4)
+    torch.save(sd, path)
+    loaded = load_backbone(name, weights=path, tiny=True, device="cpu")
+    assert_same_outputs(original, loaded, name)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -31,7 +31,7 @@ def test_exports_of_the_same_weights_are_byte_identical(tmp_path):
     assert header.rstrip(b" ") == json.dumps(parsed, sort_keys=True,
                                              separators=(",", ":")).encode()
     assert parsed["__metadata__"] == {"backbone": "vits14", "format": "timm",
-                                      "timm_id": backbone.spec.timm_id}
+                                      "timm_id": backbone.spec.timm_id, "tiny": "true"}
     assert b"time" not in header
 
 

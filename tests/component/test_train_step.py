@@ -9,16 +9,14 @@ from torch import nn
 
 import training.loop as loop
 from shared import storage
-from training.config import TrainConfig
-from training.loop import (
-    IDENTITY_KEYS,
-    Runtime,
+from training.checkpoints import (
     check_identity,
     latest_checkpoint,
     load_checkpoint,
-    make_optimizer,
-    train,
+    run_identity,
 )
+from training.config import TrainConfig
+from training.loop import Runtime, make_optimizer, train
 from training.model import (
     HEAD_NORM_EPS,
     autocast,
@@ -111,14 +109,14 @@ def test_the_head_norm_eps_is_the_released_one_and_not_a_weight():
 
 
 def test_a_checkpoint_from_before_the_eps_was_recorded_resumes_only_with_its_eps():
-    cfg = TrainConfig(labels="x", out="y")
-    state = {"identity": {k: getattr(cfg, k) for k in IDENTITY_KEYS if k != "head_norm_eps"}
-             | {"num_pairs": 8}}  # written before head_norm_eps was an identity key
+    cfg = TrainConfig(labels="x", out="y", weights=None)
+    recorded = run_identity(cfg, 8, 1)
+    state = {"identity": {k: v for k, v in recorded.items() if k != "head_norm_eps"}}
     with pytest.raises(ValueError, match="head_norm_eps: checkpoint 1e-05 != now 1e-06"):
-        check_identity(cfg, state, "step_00000001.pt", 8)
-    check_identity(cfg.model_copy(update={"head_norm_eps": 1e-5}), state, "step_00000001.pt", 8)
-    now = {"identity": {k: getattr(cfg, k) for k in IDENTITY_KEYS} | {"num_pairs": 8}}
-    check_identity(cfg, now, "step_00000001.pt", 8)  # a checkpoint that records it: as recorded
+        check_identity(cfg, state, "step_00000001.pt", 8, 1)
+    check_identity(cfg.model_copy(update={"head_norm_eps": 1e-5}), state, "step_00000001.pt", 8, 1)
+    now = {"identity": recorded}
+    check_identity(cfg, now, "step_00000001.pt", 8, 1)  # a checkpoint that records it: as recorded
 
 
 def test_only_fp16_gets_a_loss_scaler_and_a_cpu_gets_no_autocast():

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from evaluation.config import EvalConfig, LowShotConfig, MemoryConfig, SearchConfig
+from evaluation.config import (
+    EvalConfig,
+    LinearConfig,
+    LowShotConfig,
+    MemoryConfig,
+    SearchConfig,
+)
 from labeling.config import DiffCutConfig, FelzenszwalbConfig, LabelConfig
 from labeling.importing import ImportConfig
 from training.config import TrainConfig
@@ -18,7 +24,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 PAGES = {
     "labeling.md": [LabelConfig, DiffCutConfig, FelzenszwalbConfig, ImportConfig],
     "training.md": [TrainConfig],
-    "evaluation.md": [EvalConfig, MemoryConfig, SearchConfig, LowShotConfig],
+    "evaluation.md": [EvalConfig, MemoryConfig, SearchConfig, LowShotConfig, LinearConfig],
 }
 SOURCES = {"paper", "released", "reference", "DiffCut", "ours", ""}
 ROW = re.compile(r"^\| `(\w+)` \| (.+?) \| ?(\w*) ?\| .+ \|$")

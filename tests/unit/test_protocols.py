@@ -10,7 +10,7 @@ from evaluation.config import EvalConfig, MemoryConfig, SearchConfig
 from evaluation.protocols import PROTOCOLS, describe, resolved_settings
 from evaluation.report import markdown_table, summarize, write_results
 from shared import storage
-from shared.config import ConfigError, load_config
+from shared.config import ConfigError, load_config, save_config
 
 
 def _preset_values(cfg: EvalConfig) -> tuple:
@@ -63,7 +63,7 @@ def test_explicit_settings_win_over_the_preset(tmp_path):
 def test_the_resolved_config_reloads_to_the_same_values(tmp_path):
     cfg = load_config(EvalConfig, overrides=["protocol=hummingbird", "input_size=112"])
     path = tmp_path / "config.yaml"
-    path.write_text(cfg.to_yaml())
+    save_config(cfg, str(path))  # what every run writes next to its outputs
     again = load_config(EvalConfig, str(path))
     assert again == cfg and again.protocol == "hummingbird"
 
