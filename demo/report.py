@@ -174,7 +174,7 @@ def _source_row(source: str, before: float | None, after: float | None, labels, 
                                              "pairs")}, "num_classes": labels.num_classes,
                    "uri": labels.uri},
         "training": {**training_summary(train_cfg.out), "total_steps": trained.total_steps},
-        "weights": train_cfg.out and storage.join(train_cfg.out, "encoder.safetensors"),
+        "weights": storage.join(train_cfg.out, "encoder.safetensors"),
     }
 
 
