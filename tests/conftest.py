@@ -193,6 +193,27 @@ def synthetic_labelset():
     return build_synthetic_labelset
 
 
+def build_memory_equals_queries(root: str) -> str:
+    """Synthetic scenes whose train split is a copy of the val split (5 scenes of 48 px): with
+    k = 1 every query patch retrieves itself. Returns ``root``."""
+    from shared import storage
+    from shared.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(root, num_train=0, num_val=5, size=(48, 48))
+    for uri in storage.glob(storage.join(root, "images", "val", "*.jpg")):
+        name = uri.rsplit("/", 1)[-1][:-4]
+        for kind, ext in (("images", "jpg"), ("masks", "png")):
+            data = storage.read_bytes(storage.join(root, kind, "val", f"{name}.{ext}"))
+            storage.write_bytes(storage.join(root, kind, "train", f"{name}.{ext}"), data)
+    return root
+
+
+@pytest.fixture(scope="session")
+def memory_equals_queries():
+    """The builder of scenes whose memory is the queries (see ``build_memory_equals_queries``)."""
+    return build_memory_equals_queries
+
+
 def _stop_processes_mentioning(*markers: str) -> None:
     """SIGKILL the processes whose command line contains a marker, and all their descendants
     (``ray stop`` would also stop the tests' own Ray; Ray renames its agents' command lines)."""

@@ -16,7 +16,6 @@ from evaluation.datasets import open_dataset
 from shared import storage
 from shared.backbones import load_backbone
 from shared.images import eval_geometry, to_tensor
-from shared.synthetic import write_synthetic_dataset
 
 SIZE = 42  # 3 x 3 patches of 14
 TEMPERATURE = 0.07
@@ -61,20 +60,8 @@ def _recomputed_miou(run: dict, data: str, k: int) -> float:
     return float(np.mean(tp[union > 0] / union[union > 0]))
 
 
-def _memory_equals_queries(root: str) -> str:
-    """Synthetic scenes whose train split is a copy of the val split: with k = 1 every query
-    patch retrieves itself, a prediction far sharper than an average over 30 patches."""
-    write_synthetic_dataset(root, num_train=0, num_val=5, size=(48, 48))
-    for uri in storage.glob(storage.join(root, "images", "val", "*.jpg")):
-        name = uri.rsplit("/", 1)[-1][:-4]
-        for kind, ext in (("images", "jpg"), ("masks", "png")):
-            data = storage.read_bytes(storage.join(root, kind, "val", f"{name}.{ext}"))
-            storage.write_bytes(storage.join(root, kind, "train", f"{name}.{ext}"), data)
-    return root
-
-
-def test_k_changes_the_benchmark_result_as_recomputed(tmp_path):
-    data = _memory_equals_queries(str(tmp_path / "data"))
+def test_k_changes_the_benchmark_result_as_recomputed(tmp_path, memory_equals_queries):
+    data = memory_equals_queries(str(tmp_path / "data"))
     results = {}
     for k in (1, 30):
         run = _benchmark(data, str(tmp_path / f"out-k{k}"), k)

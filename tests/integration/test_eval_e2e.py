@@ -30,16 +30,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SIZE = 42  # 3 x 3 patches of 14
 
 
-def _memory_equals_queries(root: str) -> None:
-    """Make the train split a copy of the val split."""
-    write_synthetic_dataset(root, num_train=0, num_val=5, size=(48, 48))
-    for uri in storage.glob(storage.join(root, "images", "val", "*.jpg")):
-        name = uri.rsplit("/", 1)[-1][:-4]
-        for kind, ext in (("images", "jpg"), ("masks", "png")):
-            data = storage.read_bytes(storage.join(root, kind, "val", f"{name}.{ext}"))
-            storage.write_bytes(storage.join(root, kind, "train", f"{name}.{ext}"), data)
-
-
 def _own_patch_miou(dataset) -> float:
     acc = ConfusionAccumulator(dataset.num_classes, dataset.ignore_index)
     for i in range(len(dataset)):
@@ -50,10 +40,10 @@ def _own_patch_miou(dataset) -> float:
     return acc.miou()
 
 
-def test_synthetic_end_to_end_with_ray_and_s3(ray_local, s3_bucket):
+def test_synthetic_end_to_end_with_ray_and_s3(ray_local, s3_bucket, memory_equals_queries):
     data = storage.join(s3_bucket, "scenes")
     out = storage.join(s3_bucket, "eval")
-    _memory_equals_queries(data)
+    memory_equals_queries(data)
     cfg = EvalConfig(
         backbones=["vits14"], weights=["random"], tiny=True, datasets=["synthetic"],
         data_roots={"synthetic": data}, input_size=SIZE, out=out, device="cpu",
